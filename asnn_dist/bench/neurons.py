@@ -1,0 +1,180 @@
+"""Neuron kernel benchmark: fused multi-step adaptive LIF vs the loop of step functions
+(vs SpikingJelly's multi-step LIFNode, torch backend, when it is installed).
+
+Run: ``python -m asnn_dist.bench.neurons --steps 4 8 16 --repeats 5``.
+
+What is measured, per layer shape and T, all fp32 on the current device (CPU here):
+- time: median wall time of forward + backward (input and upstream gradient prepared
+  beforehand, one warm-up call first).
+- peak MB: the high-water mark of bytes allocated by torch during one forward + backward,
+  relative to the start (spikes, saved tensors, gradients, temporaries). It is read from the
+  allocation trace of ``torch.profiler`` with ``profile_memory=True``: every allocation and
+  free is an event with a signed byte count; the running sum's maximum is the peak. This is
+  exact for torch tensors (allocator level), unlike process RSS, so no subprocess is needed.
+- saved MB: bytes of the distinct tensor storages autograd keeps for backward after the
+  forward (``torch.autograd.graph.saved_tensors_hooks``); the layer input is included since
+  in a network it is another layer's output kept alive only for this layer.
+Layers: Spikformer-sized [T, 32, 64 tokens, 384 ch] and conv-sized [T, 32, 128, 16, 16].
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
+
+from asnn_dist.snn.neurons import AdaptiveLIF
+
+LAYERS = {"spikformer": (32, 64, 384), "conv": (32, 128, 16, 16)}
+MB = 2.0**20
+
+
+def _spikingjelly_lif() -> Callable[[], nn.Module] | None:
+    try:
+        from spikingjelly.activation_based import functional, neuron, surrogate
+    except ImportError:
+        return None
+
+    class _SJ(nn.Module):
+        """LIFNode (tau 2 = leak/gain 0.5, soft reset) reset before each forward."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.node = neuron.LIFNode(
+                tau=2.0, v_reset=None, surrogate_function=surrogate.Sigmoid(alpha=4.0),
+                step_mode="m", backend="torch",
+            )
+
+        def forward(self, x: Tensor) -> Tensor:
+            functional.reset_net(self.node)
+            return self.node(x)
+
+    return _SJ
+
+
+def _fwd_bwd(module: nn.Module, x: Tensor, gout: Tensor) -> None:
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    module(x).backward(gout)
+
+
+def peak_bytes(fn: Callable[[], Any]) -> int:
+    """High-water mark of torch allocations during fn(), from the profiler's trace."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def saved_bytes(module: nn.Module, x: Tensor) -> int:
+    """Bytes of distinct storages autograd saves for backward during module(x)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(x)
+    del out
+    return sum(storages.values())
+
+
+def _time_interleaved(
+    backends: dict[str, nn.Module], x: Tensor, gout: Tensor, repeats: int
+) -> dict[str, float]:
+    """Median fwd+bwd ms per backend; backends alternate within each repeat so that load
+    from other processes hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    for module in backends.values():
+        _fwd_bwd(module, x, gout)  # warm-up
+    for _ in range(repeats):
+        for name, module in backends.items():
+            t0 = time.perf_counter()
+            _fwd_bwd(module, x, gout)
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def run(steps: tuple[int, ...] = (4, 8, 16), repeats: int = 5) -> list[dict]:
+    """One row per (layer, T) with time / memory of each backend and fused-vs-loop ratios."""
+    sj = _spikingjelly_lif()
+    rows = []
+    for layer, shape in LAYERS.items():
+        for T in steps:
+            gen = torch.Generator().manual_seed(0)
+            x = (1.5 * torch.randn(T, *shape, generator=gen)).requires_grad_()
+            gout = torch.randn(T, *shape, generator=gen)
+            backends: dict[str, nn.Module] = {
+                "fused": AdaptiveLIF(T, backend="fused"),
+                "loop": AdaptiveLIF(T, backend="loop"),
+            }
+            if sj is not None:
+                backends["spikingjelly"] = sj()
+            row: dict[str, Any] = {"layer": layer, "shape": "x".join(map(str, shape)), "T": T}
+            for name, ms in _time_interleaved(backends, x, gout, repeats).items():
+                row[f"{name}_ms"] = ms
+            for name, module in backends.items():
+                row[f"{name}_peak_mb"] = peak_bytes(lambda: _fwd_bwd(module, x, gout)) / MB
+                row[f"{name}_saved_mb"] = saved_bytes(module, x) / MB
+            x.grad = None
+            row["speedup_vs_loop"] = row["loop_ms"] / row["fused_ms"]
+            row["peak_ratio_vs_loop"] = row["fused_peak_mb"] / row["loop_peak_mb"]
+            row["saved_ratio_vs_loop"] = row["fused_saved_mb"] / row["loop_saved_mb"]
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table: one line per (layer, T); SpikingJelly columns only when measured."""
+    backends = ["fused", "loop"] + (["spikingjelly"] if any("spikingjelly_ms" in r for r in rows) else [])
+    short = {"fused": "fused", "loop": "loop", "spikingjelly": "sj"}
+    cols = [("layer", "layer", "{}"), ("shape", "shape", "{}"), ("T", "T", "{}")]
+    for b in backends:
+        cols.append((f"{b}_ms", f"{short[b]} ms", "{:.1f}"))
+    cols.append(("speedup_vs_loop", "speedup", "{:.2f}x"))
+    for b in backends:
+        cols.append((f"{b}_peak_mb", f"{short[b]} peak MB", "{:.0f}"))
+    cols.append(("peak_ratio_vs_loop", "peak ratio", "{:.2f}"))
+    for b in backends:
+        cols.append((f"{b}_saved_mb", f"{short[b]} saved MB", "{:.0f}"))
+    cols.append(("saved_ratio_vs_loop", "saved ratio", "{:.2f}"))
+    cells = [[head for _, head, _ in cols]]
+    for r in rows:
+        cells.append([fmt.format(r[key]) if key in r else "-" for key, _, fmt in cols])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16], help="time steps T")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
+    args = parser.parse_args(argv)
+    if any(t < 1 for t in args.steps) or args.repeats < 1:
+        parser.error("--steps values and --repeats must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows = run(tuple(args.steps), args.repeats)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, fwd+bwd")
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""``asnn-dist`` command line: parse, load the config, call one function.
+
+User errors (bad config, missing data, unreachable services) print one line and exit non-zero;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from asnn_dist.errors import UserError
+
+BENCHES = {"neurons": "asnn_dist.bench.neurons"}
+
+DEMO_EPILOG = """The demo builds shards from scikit-learn's bundled handwritten digits, trains the
+LeNet ASNN with hybrid coding (1 direct + 3 threshold-coded steps) on 2 local Ray workers with
+DeepSpeed ZeRO-2, evaluates on the test split and registers the model in MLflow (SQLite file
+under the working folder). A second run reuses the shards and the MLflow database."""
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", nargs=None if required else "?", help="experiment YAML (may 'extends' a base file)")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                   help="dotted overrides, e.g. --set optim.lr=1e-3 run.num_workers=4")
+
+
+def _load(args: argparse.Namespace):
+    from asnn_dist.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from asnn_dist.config import dump_config
+
+    cfg = _load(args)
+    if args.action == "show":
+        sys.stdout.write(dump_config(cfg))
+    else:
+        print(f"ok: {args.config} is valid (model {cfg.model.name}, T={cfg.encoding.num_steps}, "
+              f"{cfg.run.num_workers} workers, ZeRO {cfg.engine.zero_stage}, global batch {cfg.global_batch_size})")
+    return 0
+
+
+def _print_outcome(outcome, cfg) -> None:
+    m = outcome.metrics
+    print(f"run {outcome.run_name}: test top-1 {m.get('val_top1', float('nan')):.4f} "
+          f"(top-5 {m.get('val_top5', float('nan')):.4f}, {int(m.get('val_count', 0))} samples), "
+          f"{m.get('train_images_per_s', 0):.0f} train images/s")
+    steps = [m[k] for k in sorted(m, key=lambda k: int(k.rsplit("t", 1)[1])) if k.startswith("val_anytime_top1_t")]
+    if steps:
+        print("anytime top-1 by steps used: " + ", ".join(f"t{i + 1}={v:.3f}" for i, v in enumerate(steps)))
+    if outcome.registered_version:
+        name = cfg.tracking.registered_model
+        moved = f"alias @{cfg.tracking.alias} -> v{outcome.registered_version}" if outcome.alias_moved else \
+            f"alias @{cfg.tracking.alias} kept on the better earlier version"
+        print(f"registered models:/{name}/{outcome.registered_version} ({moved})")
+    print(f"MLflow run {outcome.mlflow_run_id} in {cfg.tracking.uri}")
+    print(f"open the UI with:  mlflow ui --backend-store-uri {cfg.tracking.uri}   (then http://127.0.0.1:5000)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from asnn_dist.train.launcher import run_training
+
+    cfg = _load(args)
+    _print_outcome(run_training(cfg), cfg)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from asnn_dist.config import load_config
+    from asnn_dist.train.launcher import run_training
+
+    overrides = [f"workdir={args.workdir}", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    print(f"asnn-dist demo: working folder {cfg.workdir}")
+    _print_outcome(run_training(cfg), cfg)
+    return 0
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from asnn_dist.data.sources import build_digits_shards
+
+    manifests = build_digits_shards(args.out, samples_per_shard=args.samples_per_shard, seed=args.seed)
+    for split, man in manifests.items():
+        print(f"{split}: {man.num_samples} samples in {len(man.shards)} shards -> {args.out}/{split}.manifest.json")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from asnn_dist.registry import MODELS, list_models
+
+    for name in list_models(args.pattern):
+        tags = ",".join(sorted(MODELS.tags(name)))
+        print(f"{name}" + (f"  [{tags}]" if tags else ""))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    module = importlib.import_module(BENCHES[args.bench])
+    return int(module.main(args.bench_args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asnn-dist", description="Distributed training of Adaptive Spiking Neural "
+                                "Networks with hybrid coding (Ray Train + DeepSpeed + MLflow).")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="build digits shards, train on 2 local workers, register the model",
+                       description=DEMO_EPILOG)
+    d.add_argument("--workdir", default="asnn-work", help="working folder for shards, MLflow and Ray results (default: %(default)s)")
+    _add_config_args(d, required=False)
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train a model from a config on Ray Train + DeepSpeed",
+                       description="Train CONFIG on a Ray cluster (RAY_ADDRESS) or a local Ray instance; "
+                       "a run with the same run.name resumes from its last checkpoint.")
+    _add_config_args(t)
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("config", help="show or check a config", description="Resolve and print (show) or "
+                       "validate (check) an experiment config, with its 'extends' chain and overrides.")
+    c.add_argument("action", choices=["show", "check"], help="show: print the resolved YAML; check: validate only")
+    _add_config_args(c)
+    c.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("shards", help="write WebDataset shards with a manifest",
+                       description="Write train/test WebDataset shards (+ <split>.manifest.json) from "
+                       "scikit-learn's bundled digits.")
+    s.add_argument("source", choices=["digits"], help="dataset to write")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--samples-per-shard", type=int, default=64, help="samples per shard (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the fixed stratified split (default: %(default)s)")
+    s.set_defaults(func=cmd_shards)
+
+    m = sub.add_parser("models", help="list registered models", description="List registered models (fnmatch pattern).")
+    m.add_argument("pattern", nargs="?", default="*", help="e.g. 'spikformer*' (default: all)")
+    m.set_defaults(func=cmd_models)
+
+    b = sub.add_parser("bench", help="run a benchmark", description="Benchmarks print ratios measured in one run.")
+    b.add_argument("bench", choices=sorted(BENCHES), help="which benchmark")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see its --help)")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"asnn-dist: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("asnn-dist: interrupted; a rerun with the same run.name resumes from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The typed experiment config: one pydantic tree that every part of asnn-dist reads.
+
+Every field carries a one-line description (shown by ``asnn-dist config show --doc``); unknown
+keys are errors (``extra="forbid"``) so that a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """Base for config sections: strict keys, validated assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: Literal["digits", "shards"] = Field(
+        "digits",
+        description="'digits' builds shards from scikit-learn's bundled digits when missing; "
+        "'shards' reads existing shards under data.root",
+    )
+    root: Optional[str] = Field(
+        None, description="folder (or URL) holding <split>.manifest.json and shards; default <workdir>/shards/<source>"
+    )
+    train_split: str = Field("train", description="split name of the training manifest")
+    val_split: str = Field("test", description="split name of the evaluation manifest")
+    image_size: int = Field(16, ge=4, le=1024, description="square side the images are resized to")
+    in_channels: int = Field(1, ge=1, le=4, description="image channels the model receives")
+    num_classes: int = Field(10, ge=2, description="number of classes")
+    num_workers: int = Field(0, ge=0, le=64, description="data loader worker processes per rank")
+    shuffle_buffer: int = Field(256, ge=0, description="samples held in the per-worker shuffle buffer")
+    samples_per_shard: int = Field(64, ge=1, description="samples per shard when shards are built")
+    augment: bool = Field(False, description="random-translation augmentation on training images")
+
+
+class EncodingConfig(Section):
+    num_steps: int = Field(4, ge=1, le=256, description="time steps T")
+    direct_steps: int = Field(
+        1, ge=0, description="k leading analog steps (hybrid code); k = T means pure direct coding"
+    )
+    scheme: Literal["direct", "threshold", "bitplane", "rate"] = Field(
+        "threshold", description="temporal code used for the T - k spike steps"
+    )
+    levels: Literal["uniform", "equal_mass"] = Field(
+        "uniform", description="threshold rule of the temporal code"
+    )
+    num_levels: Optional[int] = Field(
+        None, ge=1, description="threshold levels L of the temporal code; default T (authors' choice)"
+    )
+
+    @model_validator(mode="after")
+    def _steps_fit(self) -> "EncodingConfig":
+        if self.direct_steps > self.num_steps:
+            raise ValueError(
+                f"direct_steps={self.direct_steps} exceeds num_steps={self.num_steps}; "
+                f"allowed: 0..{self.num_steps}"
+            )
+        if self.scheme == "direct" and self.direct_steps not in (0, self.num_steps):
+            raise ValueError("scheme 'direct' needs direct_steps equal to num_steps (or 0)")
+        return self
+
+
+class NeuronConfig(Section):
+    adaptive: bool = Field(True, description="per-step learned leak and gain (ASNN); False shares one pair")
+    threshold: float = Field(1.0, gt=0.0, description="firing threshold theta")
+    reset: Literal["soft", "hard"] = Field("soft", description="reset by subtraction or to zero")
+    detach_reset: bool = Field(False, description="stop gradients through the reset")
+    surrogate: Literal["sigmoid", "atan"] = Field("sigmoid", description="surrogate gradient of the spike")
+    alpha: Optional[float] = Field(None, gt=0.0, description="surrogate sharpness; default per surrogate")
+    init_leak: float = Field(0.5, description="initial leak lambda")
+    init_gain: float = Field(0.5, description="initial input gain gamma")
+    backend: Literal["fused", "loop"] = Field("fused", description="multi-step kernel or plain step loop")
+
+
+class ModelConfig(Section):
+    name: str = Field("lenet_asnn", description="registered model name (asnn-dist models list)")
+    learnable_readout: bool = Field(True, description="learned per-step readout scale (ASNN)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments of the model factory"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from asnn_dist.registry import MODELS, _load_builtin
+
+        _load_builtin()
+        if name not in MODELS:
+            raise ValueError(MODELS.unknown_message(name))
+        return name
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "sgd", "lamb"] = Field("adamw", description="optimizer")
+    lr: float = Field(2e-3, gt=0.0, description="peak learning rate")
+    min_lr: float = Field(0.0, ge=0.0, description="final learning rate of the cosine schedule")
+    weight_decay: float = Field(0.0, ge=0.0, description="decoupled weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    micro_batch_size: int = Field(32, ge=1, description="samples per rank per forward")
+    grad_accum_steps: int = Field(1, ge=1, description="micro batches per optimizer step")
+    grad_clip: float = Field(0.0, ge=0.0, description="gradient norm clip (0 = off)")
+    epochs: int = Field(10, ge=1, description="training epochs")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup optimizer steps")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="learning-rate schedule")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="label smoothing of the loss")
+
+
+class EngineConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision")
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer state offload to CPU")
+    offload_params: bool = Field(False, description="ZeRO-3 parameter offload to CPU")
+    steps_per_print: int = Field(1000, ge=1, description="DeepSpeed's own log cadence")
+
+
+class CheckpointConfig(Section):
+    time_segment: int = Field(0, ge=0, description="time steps per activation-checkpoint segment (0 = off)")
+    every_steps: int = Field(0, ge=0, description="save a training checkpoint every N optimizer steps (0 = each epoch)")
+    keep_last: int = Field(2, ge=1, description="training checkpoints kept")
+
+
+class RunConfig(Section):
+    name: Optional[str] = Field(None, description="stable run name: rerunning with the same name resumes from its last checkpoint; default <name>-<timestamp> (a fresh run)")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (ranks)")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per worker")
+    threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads per worker")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts before giving up (-1 = forever)")
+    storage_path: Optional[str] = Field(None, description="Ray Train storage (local path or s3://); default <workdir>/ray_results")
+    ray_address: Optional[str] = Field(None, description="Ray cluster address; default: RAY_ADDRESS or a local instance")
+    log_every_steps: int = Field(10, ge=1, description="metric logging cadence in optimizer steps")
+    progress: bool = Field(True, description="progress bar on rank 0")
+
+
+class TrackingConfig(Section):
+    uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite:///<workdir>/mlflow.db")
+    experiment: str = Field("asnn-dist", description="MLflow experiment name")
+    registered_model: Optional[str] = Field("asnn-lenet", description="registry name; null = do not register")
+    alias: str = Field("champion", description="alias given to a newly registered version")
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, uri: Optional[str]) -> Optional[str]:
+        if uri and re.match(r"^[a-z+]+://[^/@\s]+:[^/@\s]+@", uri):
+            raise ValueError(
+                "credentials in the tracking URI; put them in MLFLOW_TRACKING_USERNAME / "
+                "MLFLOW_TRACKING_PASSWORD (or the database's own auth) instead"
+            )
+        return uri
+
+
+class ExperimentConfig(Section):
+    name: str = Field("asnn-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="experiment name")
+    seed: int = Field(0, description="global seed")
+    workdir: str = Field("asnn-work", description="folder for shards, MLflow, Ray results (relative to cwd)")
+    data: DataConfig = Field(default_factory=DataConfig)
+    encoding: EncodingConfig = Field(default_factory=EncodingConfig)
+    neuron: NeuronConfig = Field(default_factory=NeuronConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @property
+    def global_batch_size(self) -> int:
+        """micro batch x accumulation x world size (what DeepSpeed checks)."""
+        return self.optim.micro_batch_size * self.optim.grad_accum_steps * self.run.num_workers

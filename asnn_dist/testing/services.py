@@ -1,0 +1,105 @@
+"""Start and stop real local services on loopback with bounded waits.
+
+Used by the tests (and usable by benchmarks): an MLflow tracking server process, a PostgreSQL
+database on the machine's server, an S3-compatible server (moto's server mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Iterator, Optional
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float, proc: Optional[subprocess.Popen] = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process serving {url} exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (loopback)
+                if resp.status < 500:
+                    return
+        except Exception as exc:  # noqa: BLE001
+            last = exc
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s ({last})")
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout_s)
+
+
+@contextlib.contextmanager
+def postgres_database(host: str = "127.0.0.1", port: int = 5432, user: str = "postgres") -> Iterator[str]:
+    """A fresh database on the machine's PostgreSQL (trust auth); dropped afterwards."""
+    import psycopg2
+
+    name = f"asnn_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(host=host, port=port, user=user, dbname="postgres", connect_timeout=10)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg2://{user}@{host}:{port}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, artifacts_dir: str, log_path: Optional[str] = None,
+                  timeout_s: float = 120.0, env: Optional[dict[str, str]] = None) -> Iterator[str]:
+    """An ``mlflow server`` process on a free loopback port; yields its http:// URI."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts_dir, "--workers", "1"]
+    log = open(log_path or os.devnull, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", timeout_s, proc)
+        yield uri
+    finally:
+        _stop(proc)
+        log.close()
+
+
+@contextlib.contextmanager
+def moto_s3_server(timeout_s: float = 60.0) -> Iterator[str]:
+    """moto's S3-compatible HTTP server on loopback; yields its endpoint URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/moto-api/", timeout_s, proc)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def ensure_dir(path: str) -> str:
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return path

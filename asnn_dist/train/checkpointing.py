@@ -1,0 +1,73 @@
+"""Training checkpoints: the DeepSpeed state of every rank plus our loop state, in one folder
+that Ray Train merges across ranks and persists to the run's storage (local or s3://)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+DS_TAG = "ds"
+STATE_FILE = "train_state.json"
+RNG_FILE = "rng_rank{rank}.pt"
+MODEL_FILE = "model.pt"
+MODEL_META_FILE = "model_meta.json"
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_training_checkpoint(engine, folder: str, rank: int, loop_state: dict[str, Any]) -> None:
+    """Every rank calls this (DeepSpeed's save is collective); rank 0 writes the loop state."""
+    engine.save_checkpoint(folder, tag=DS_TAG)
+    torch.save(rng_state(), os.path.join(folder, RNG_FILE.format(rank=rank)))
+    if rank == 0:
+        Path(folder, STATE_FILE).write_text(json.dumps(loop_state, indent=1))
+
+
+def load_training_checkpoint(engine, folder: str, rank: int) -> dict[str, Any]:
+    """Restore DeepSpeed state (module, optimizer, ZeRO partitions) and the loop state."""
+    path, _ = engine.load_checkpoint(folder, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint under {folder}/{DS_TAG}")
+    rng_path = Path(folder, RNG_FILE.format(rank=rank))
+    if rng_path.exists():
+        set_rng_state(torch.load(rng_path, weights_only=False))
+    return json.loads(Path(folder, STATE_FILE).read_text())
+
+
+def consolidated_state_dict(engine, zero_stage: int) -> Optional[dict[str, torch.Tensor]]:
+    """Full fp32 weights on rank 0 (None elsewhere); collective under ZeRO-3."""
+    import torch.distributed as dist
+
+    if zero_stage == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = engine.module.state_dict()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank != 0:
+        return None
+    return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone() for k, v in sd.items()}
+
+
+def save_final_model(folder: str, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.save(state_dict, os.path.join(folder, MODEL_FILE))
+    Path(folder, MODEL_META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def load_final_model(folder: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
+    meta = json.loads(Path(folder, MODEL_META_FILE).read_text())
+    return sd, meta

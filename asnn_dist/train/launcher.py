@@ -1,0 +1,174 @@
+"""Driver side of a training run: check services, prepare data, start Ray Train's TorchTrainer,
+then register the consolidated model in MLflow. Runs on the head node (or a laptop)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from asnn_dist.config import ExperimentConfig, dump_config, flatten_config
+from asnn_dist.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    run_name: str
+    mlflow_run_id: str
+    metrics: dict[str, Any]
+    checkpoint_path: Optional[str]
+    registered_version: Optional[str]
+    alias_moved: bool
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    return f"{cfg.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_data(cfg: ExperimentConfig) -> None:
+    """Build the bundled dataset's shards when asked for and check that the manifests exist."""
+    from asnn_dist.data.manifest import load_manifest
+
+    if cfg.data.source == "digits":
+        from asnn_dist.data.sources import build_digits_shards
+
+        build_digits_shards(cfg.data.root, samples_per_shard=cfg.data.samples_per_shard, seed=cfg.seed)
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        load_manifest(f"{cfg.data.root}/{split}.manifest.json")
+
+
+def init_ray(cfg: ExperimentConfig) -> None:
+    """Connect to RAY_ADDRESS / run.ray_address, or start a local instance sized for the run."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return
+    need = int(cfg.run.num_workers * cfg.run.cpus_per_worker + 0.999)
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, runtime_env=env,
+             log_to_driver=True, configure_logging=False)
+
+
+def start_mlflow_run(cfg: ExperimentConfig) -> str:
+    import mlflow
+
+    from asnn_dist.tracking.client import RunLogger, check_tracking_server
+
+    check_tracking_server(cfg.tracking.uri)
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    exp = mlflow.set_experiment(cfg.tracking.experiment)
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=cfg.tracking.uri).create_run(exp.experiment_id, run_name=cfg.run.name)
+    logger = RunLogger(cfg.tracking.uri, run.info.run_id)
+    logger.log_params(flatten_config(cfg))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "config.yaml")
+        path.write_text(dump_config(cfg))
+        logger.log_artifact(str(path))
+    return run.info.run_id
+
+
+def save_resolved_config(cfg: ExperimentConfig) -> Optional[str]:
+    """Write config.yaml beside the run's Ray results (local storage; s3 gets it via MLflow)."""
+    if "://" in (cfg.run.storage_path or ""):
+        return None
+    folder = Path(cfg.run.storage_path, cfg.run.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(dump_config(cfg))
+    return str(path)
+
+
+def run_training(cfg: ExperimentConfig) -> TrainOutcome:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from asnn_dist.train.worker import train_loop_per_worker
+
+    if not cfg.run.name:
+        cfg = cfg.model_copy(deep=True)
+        cfg.run.name = default_run_name(cfg)
+    prepare_data(cfg)
+    run_id = start_mlflow_run(cfg)
+    save_resolved_config(cfg)
+    init_ray(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=cfg.run.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - surface the worker's user error as one line
+        raise _unwrap_user_error(exc) from exc
+    return _finish(cfg, run_id, result)
+
+
+def _unwrap_user_error(exc: BaseException) -> BaseException:
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    for line in text.splitlines():
+        if "DataError" in line or "ConfigError" in line:
+            return UserError(line.split(":", 1)[-1].strip())
+    return exc
+
+
+def _finish(cfg: ExperimentConfig, run_id: str, result) -> TrainOutcome:
+    from asnn_dist.train.checkpointing import load_final_model
+
+    metrics = dict(result.metrics or {})
+    registered, moved, ckpt_path = None, False, None
+    if result.checkpoint is not None:
+        ckpt_path = result.checkpoint.path
+        with result.checkpoint.as_directory() as folder:
+            state_dict, meta = load_final_model(folder)
+        reg = register_model(cfg, run_id, state_dict, meta, metrics)
+        if reg is not None:
+            registered, moved = reg.version, reg.alias_moved
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=cfg.tracking.uri).set_terminated(run_id, "FINISHED")
+    return TrainOutcome(cfg.run.name, run_id, metrics, ckpt_path, registered, moved)
+
+
+def register_model(cfg: ExperimentConfig, run_id: str, state_dict, meta: dict, metrics: dict):
+    import torch
+
+    from asnn_dist.registry import create_model
+    from asnn_dist.tracking.model_registry import log_and_register
+    from asnn_dist.tracking.plots import log_model_plots
+
+    model = create_model(meta["model"], **meta["kwargs"])
+    model.load_state_dict(state_dict)
+    model.eval()
+    log_model_plots(model, cfg.tracking.uri, run_id)
+    example = torch.rand(2, cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size,
+                         generator=torch.Generator().manual_seed(0))
+    return log_and_register(
+        model, example, tracking_uri=cfg.tracking.uri, run_id=run_id,
+        registered_name=cfg.tracking.registered_model, alias=cfg.tracking.alias,
+        metric_name="val_top1", metric_value=float(metrics.get("val_top1", 0.0)),
+    )

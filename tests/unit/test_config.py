@@ -1,0 +1,127 @@
+"""Config loading: extends chains, overrides, and one-line errors naming field/value/allowed."""
+
+from pathlib import Path
+
+import pytest
+
+from asnn_dist.config import ExperimentConfig, dump_config, flatten_config, load_config
+from asnn_dist.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "configs" / "demo" / "digits-lenet-hybrid.yaml"
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_demo_yaml_matches_embedded_defaults():
+    from_file = load_config(DEMO).model_dump()
+    defaults = load_config(None).model_dump()
+    for d in (from_file, defaults):
+        d.pop("name")
+        d["tracking"].pop("experiment")
+    assert from_file == defaults
+
+
+def test_extends_and_overrides(tmp_path):
+    base = write(tmp_path, "base.yaml", "optim:\n  lr: 0.01\n  epochs: 3\nencoding:\n  num_steps: 6\n")
+    child = write(tmp_path, "child.yaml", "extends: base.yaml\noptim:\n  epochs: 5\n")
+    cfg = load_config(child, ["optim.lr=1e-3", "run.num_workers=4", "encoding.scheme=bitplane"])
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.optim.epochs == 5  # child wins over base
+    assert cfg.encoding.num_steps == 6  # inherited
+    assert cfg.run.num_workers == 4
+    assert cfg.encoding.scheme == "bitplane"
+    assert cfg.global_batch_size == 32 * 4
+
+
+def test_paths_resolved_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["workdir=work"])
+    assert cfg.workdir == str(tmp_path / "work")
+    assert cfg.data.root == str(tmp_path / "work" / "shards" / "digits")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
+    assert cfg.run.storage_path == str(tmp_path / "work" / "ray_results")
+
+
+def test_unknown_key_suggests_nearest(tmp_path):
+    p = write(tmp_path, "c.yaml", "encoding:\n  schme: threshold\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    msg = str(exc.value)
+    assert "encoding.schme: unknown key" in msg
+    assert "did you mean 'encoding.scheme'" in msg
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"optimizer: unknown key; did you mean 'optim'"):
+        load_config(None, ["optimizer.lr=1"])
+
+
+def test_bad_literal_names_allowed_values():
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["engine.zero_stage=5"])
+    msg = str(exc.value)
+    assert "engine.zero_stage" in msg and "5" in msg and "0, 1, 2 or 3" in msg
+
+
+def test_bad_scheme_value():
+    with pytest.raises(ConfigError, match=r"encoding.scheme: bad value 'temporal'.*'direct', 'threshold', 'bitplane' or 'rate'"):
+        load_config(None, ["encoding.scheme=temporal"])
+
+
+def test_bad_range_names_bound():
+    with pytest.raises(ConfigError, match=r"optim.lr: bad value -0.1.*greater than 0"):
+        load_config(None, ["optim.lr=-0.1"])
+
+
+def test_direct_steps_cannot_exceed_steps():
+    with pytest.raises(ConfigError, match=r"direct_steps=5 exceeds num_steps=4; allowed: 0..4"):
+        load_config(None, ["encoding.direct_steps=5"])
+
+
+def test_unknown_model_lists_registered():
+    with pytest.raises(ConfigError, match=r"model.name: bad value 'lenet'.*unknown model 'lenet'.*did you mean.*lenet_asnn"):
+        load_config(None, ["model.name=lenet"])
+
+
+@pytest.mark.parametrize("bad", ["optim.lr", "=3", "optim..lr=1", "optim.lr.x=1"])
+def test_bad_override(bad):
+    with pytest.raises(ConfigError, match="override|optim.lr"):
+        load_config(None, [bad])
+
+
+def test_credentials_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="aws_secret_access_key: credentials do not belong in configs"):
+        load_config(None, ["data.aws_secret_access_key=abc"])
+    with pytest.raises(ConfigError, match="credentials in the tracking URI"):
+        load_config(None, ["tracking.uri=postgresql://user:pw@db/mlflow"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = write(tmp_path, "bad.yaml", "a: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_extends_cycle(tmp_path):
+    write(tmp_path, "a.yaml", "extends: b.yaml\n")
+    write(tmp_path, "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_dump_roundtrip_and_flatten(tmp_path):
+    cfg = load_config(DEMO, ["optim.lr=0.005"])
+    p = write(tmp_path, "resolved.yaml", dump_config(cfg))
+    again = load_config(p)
+    assert again == cfg
+    flat = flatten_config(cfg)
+    assert flat["optim.lr"] == "0.005"
+    assert flat["encoding.direct_steps"] == "1"
+    assert isinstance(ExperimentConfig.model_validate(cfg.model_dump()), ExperimentConfig)
