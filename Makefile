@@ -19,10 +19,12 @@ $(VENV)/.torch: | $(BIN)/python
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(BIN)/python -m pip install -q -e ".[demo]"
+	$(BIN)/python -m asnn_dist.train.prebuild
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 	$(BIN)/python -m pip install -q -e ".[demo,test]"
+	$(BIN)/python -m asnn_dist.train.prebuild
 	touch $@
 
 install: $(VENV)/.installed

@@ -52,7 +52,8 @@ def _print_outcome(outcome, cfg) -> None:
     print(f"run {outcome.run_name}: test top-1 {m.get('val_top1', float('nan')):.4f} "
           f"(top-5 {m.get('val_top5', float('nan')):.4f}, {int(m.get('val_count', 0))} samples), "
           f"{m.get('train_images_per_s', 0):.0f} train images/s")
-    steps = [m[k] for k in sorted(m, key=lambda k: int(k.rsplit("t", 1)[1])) if k.startswith("val_anytime_top1_t")]
+    prefix = "val_anytime_top1_t"
+    steps = [m[f"{prefix}{t}"] for t in range(1, 1 + sum(k.startswith(prefix) for k in m))]
     if steps:
         print("anytime top-1 by steps used: " + ", ".join(f"t{i + 1}={v:.3f}" for i, v in enumerate(steps)))
     if outcome.registered_version:

@@ -137,7 +137,9 @@ def run(steps: tuple[int, ...] = (4, 8, 16), repeats: int = 5) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     """Plain-text table: one line per (layer, T); SpikingJelly columns only when measured."""
-    backends = ["fused", "loop"] + (["spikingjelly"] if any("spikingjelly_ms" in r for r in rows) else [])
+    backends = ["fused", "loop"]
+    if any("spikingjelly_ms" in r for r in rows):
+        backends.append("spikingjelly")
     short = {"fused": "fused", "loop": "loop", "spikingjelly": "sj"}
     cols = [("layer", "layer", "{}"), ("shape", "shape", "{}"), ("T", "T", "{}")]
     for b in backends:

@@ -136,6 +136,7 @@ class RunConfig(Section):
     ray_address: Optional[str] = Field(None, description="Ray cluster address; default: RAY_ADDRESS or a local instance")
     log_every_steps: int = Field(10, ge=1, description="metric logging cadence in optimizer steps")
     progress: bool = Field(True, description="progress bar on rank 0")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", description="Ray Train's own log level")
 
 
 class TrackingConfig(Section):

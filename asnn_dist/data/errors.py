@@ -7,6 +7,8 @@ re-raise it across processes because its constructor takes a single message stri
 
 from __future__ import annotations
 
+from asnn_dist.errors import UserError
 
-class DataError(Exception):
+
+class DataError(UserError):
     """A shard, manifest or sample problem; the message names the URL/file and the fix."""

@@ -223,7 +223,8 @@ def count_flops(model: nn.Module, example_input: Any) -> int:
         total += 2 * synaptic_macs(module, output)
 
     modes = {m: m.training for m in model.modules()}
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, SYNAPTIC_TYPES)]
+    synaptic = [m for m in model.modules() if isinstance(m, SYNAPTIC_TYPES)]
+    handles = [m.register_forward_hook(hook) for m in synaptic]
     try:
         model.eval()
         with torch.no_grad():

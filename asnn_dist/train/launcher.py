@@ -16,6 +16,12 @@ from asnn_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# Quiet, known-harmless library chatter in workers (deprecations inside torch/DeepSpeed).
+WORKER_ENV = {
+    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
+    "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+}
+
 
 @dataclass
 class TrainOutcome:
@@ -50,13 +56,14 @@ def init_ray(cfg: ExperimentConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    env = {"env_vars": WORKER_ENV}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
     need = int(cfg.run.num_workers * cfg.run.cpus_per_worker + 0.999)
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, runtime_env=env,
-             log_to_driver=True, configure_logging=False)
+    # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), runtime_env=env, log_to_driver=True,
+             configure_logging=False)
 
 
 def start_mlflow_run(cfg: ExperimentConfig) -> str:
@@ -91,7 +98,7 @@ def save_resolved_config(cfg: ExperimentConfig) -> Optional[str]:
 
 
 def run_training(cfg: ExperimentConfig) -> TrainOutcome:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from asnn_dist.train.worker import train_loop_per_worker
@@ -114,6 +121,7 @@ def run_training(cfg: ExperimentConfig) -> TrainOutcome:
             name=cfg.run.name, storage_path=cfg.run.storage_path,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            logging_config=LoggingConfig(log_level=cfg.run.log_level),
         ),
     )
     try:

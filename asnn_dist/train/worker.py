@@ -8,7 +8,7 @@ talks to MLflow.
 
 from __future__ import annotations
 
-import os
+import logging
 import tempfile
 import time
 from typing import Any, Optional
@@ -37,7 +37,10 @@ def _progress(total: int, initial: int, enabled: bool):
         from ray.experimental.tqdm_ray import tqdm
     except ImportError:  # pragma: no cover - ray always ships it
         from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc="train steps")
+    bar = tqdm(total=total, desc="train steps")
+    if initial:
+        bar.update(initial)  # resumed run: the bar starts where the run stands
+    return bar
 
 
 def _make_loaders(cfg: ExperimentConfig, rank: int, world: int):
@@ -58,11 +61,11 @@ def _make_loaders(cfg: ExperimentConfig, rank: int, world: int):
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
-    from ray.train import Checkpoint
 
     from asnn_dist.models.build import model_from_config, model_kwargs
 
     cfg = ExperimentConfig.model_validate(loop_config["config"])
+    logging.getLogger("ray.train").setLevel(cfg.run.log_level)
     run_id: Optional[str] = loop_config.get("mlflow_run_id")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -114,7 +117,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()
             seen += int(valid.sum())
-            loss_acc += float(loss)
+            loss_acc += float(loss.detach())
             if (micro + 1) % accum:
                 continue
             step += 1

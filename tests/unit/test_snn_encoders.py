@@ -156,7 +156,13 @@ def test_factory_validation(kwargs: dict, match: str) -> None:
 def test_user_thresholds_are_validated() -> None:
     enc = ThresholdEncoder(2, thresholds=[0.8, 0.3])
     assert enc(torch.tensor([[0.9, 0.5, 0.1]])).tolist() == [[[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]]]
-    for bad, match in (([0.8, 0.0], r"\(0, 1\]"), ([1.2, 0.3], r"\(0, 1\]"), ([0.3, 0.8], "decreasing"), ([0.5], "2 values")):
+    cases = (
+        ([0.8, 0.0], r"\(0, 1\]"),
+        ([1.2, 0.3], r"\(0, 1\]"),
+        ([0.3, 0.8], "decreasing"),
+        ([0.5], "2 values"),
+    )
+    for bad, match in cases:
         with pytest.raises(ValueError, match=match):
             ThresholdEncoder(2, thresholds=bad)
     with pytest.raises(ValueError, match="direct_steps"):

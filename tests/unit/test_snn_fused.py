@@ -34,7 +34,9 @@ def test_surrogate_gradcheck_against_smooth_function(name: str) -> None:
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name,alpha", [("sigmoid", 4.0), ("sigmoid", 1.5), ("atan", 2.0), ("atan", 3.0)])
+@pytest.mark.parametrize(
+    "name,alpha", [("sigmoid", 4.0), ("sigmoid", 1.5), ("atan", 2.0), ("atan", 3.0)]
+)
 def test_surrogate_backward_is_grad_out_times_derivative(name: str, alpha: float) -> None:
     sur = SURROGATES.create(name, alpha=alpha)
     x = torch.randn(50, dtype=F64, requires_grad=True)
@@ -133,7 +135,9 @@ def _run_adaptive(backend, x, leak, gain, thr, sur, reset, detach, gout):
     return (s, *torch.autograd.grad(s, inputs, gout))
 
 
-COMBOS = list(itertools.product(["soft", "hard"], [False, True], [True, False], ["sigmoid", "atan"]))
+COMBOS = list(
+    itertools.product(["soft", "hard"], [False, True], [True, False], ["sigmoid", "atan"])
+)
 
 
 @pytest.mark.parametrize("reset,detach,adaptive,sur_name", COMBOS)
@@ -172,12 +176,14 @@ def test_fused_chunked_and_noncontiguous_and_expanded_grad(monkeypatch) -> None:
     xf = x.clone().requires_grad_()
     fused_adaptive_lif(xf, leak, gain, 1.0, sur).sum().backward()
     xl = x.clone().requires_grad_()
-    multistep_loop(lambda a, v, t: adaptive_lif_step(a, v, leak[t], gain[t], 1.0, sur), xl)[0].sum().backward()
+    step = lambda a, v, t: adaptive_lif_step(a, v, leak[t], gain[t], 1.0, sur)  # noqa: E731
+    multistep_loop(step, xl)[0].sum().backward()
     torch.testing.assert_close(xf.grad, xl.grad, **TOL)
 
 
 @pytest.mark.parametrize(
-    "v_reset,decay_input,detach", list(itertools.product([0.0, None, -0.3], [True, False], [False, True]))
+    "v_reset,decay_input,detach",
+    list(itertools.product([0.0, None, -0.3], [True, False], [False, True])),
 )
 def test_fused_lif_matches_spikingjelly_step(v_reset, decay_input, detach) -> None:
     steps, tau = 5, 2.5

@@ -134,7 +134,8 @@ def test_lif_single_step_matches_multi_step() -> None:
 
 def test_backends_agree_for_lif_and_adaptive() -> None:
     x = _input(6).requires_grad_()
-    for kw in (dict(), dict(v_reset=None, threshold=0.5), dict(decay_input=False, detach_reset=True)):
+    cases = (dict(), dict(v_reset=None, threshold=0.5), dict(decay_input=False, detach_reset=True))
+    for kw in cases:
         outs = []
         for backend in ("fused", "loop"):
             s = LIF(backend=backend, **kw)(x)

@@ -83,7 +83,8 @@ def test_collect_spike_stats_rates_sops_energy() -> None:
     sops = stats.synaptic_ops()
     assert sops == {"1": pytest.approx(total1 * 4 / 16)}
     stats.set_fan_out("3", 10.0)
-    assert stats.synaptic_ops()["3"] == pytest.approx(2 * float(torch.cat(spikes_l3, 1).sum()) * 10 / 16)
+    total3 = 2 * float(torch.cat(spikes_l3, 1).sum())
+    assert stats.synaptic_ops()["3"] == pytest.approx(total3 * 10 / 16)
     # analog input layer: the first linear in each forward, T * 8 * 16 MACs per sample
     assert stats.analog_layers == {"0"}
     assert stats.analog_macs() == {"0": pytest.approx(T * 8 * 16)}
@@ -103,7 +104,9 @@ def test_fan_out_inference_in_nested_sequential_and_conv_macs() -> None:
     block = lambda c_in, c_out: nn.Sequential(  # noqa: E731
         nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), AdaptiveLIF(T)
     )
-    net = nn.Sequential(block(3, 8), nn.Sequential(nn.MaxPool2d(2), block(8, 16)), nn.Flatten(), nn.Linear(16, 2))
+    net = nn.Sequential(
+        block(3, 8), nn.Sequential(nn.MaxPool2d(2), block(8, 16)), nn.Flatten(), nn.Linear(16, 2)
+    )
     assert infer_successors(net) == {"0.2": "1.1.0", "1.1.2": "3"}
     conv = nn.Conv2d(3, 8, 3, padding=1)
     out = conv(torch.zeros(2, 3, 8, 8))
