@@ -32,10 +32,13 @@ from torch import Tensor
 from asnn_dist.snn.functional import RESETS
 from asnn_dist.snn.surrogate import KernelForm, Surrogate
 
-# Elements per chunk of the flattened batch (B x ...): each chunk runs all T steps before the
-# next, so the backward's [T, chunk] membrane buffer and the per-step scratch stay in cache
-# and no [T, B, ...] scratch is ever allocated. 64 K was the fastest on the benchmark shapes.
+# Chunking: the flattened batch (B x ...) is processed in chunks, all T steps of a chunk
+# before the next, so the backward's [T, chunk] buffers stay in cache and no [T, B, ...]
+# scratch is allocated. About 64 K elements per intra-op thread was fastest on the benchmark
+# shapes (fewer, larger ops also suffer less when the CPU is shared); the [T, chunk] buffers
+# are capped at 4 M elements.
 CHUNK_ELEMS = 1 << 16
+CHUNK_BUFFER_CAP = 1 << 22
 
 
 def _per_step(p: float | Tensor, steps: int, name: str) -> list[float]:
@@ -86,7 +89,8 @@ def _forward(
 
 
 def _chunk_size(steps: int, n: int) -> int:
-    return max(1, min(n, CHUNK_ELEMS, max(1 << 13, (1 << 20) // steps)))
+    per_thread = CHUNK_ELEMS * max(1, torch.get_num_threads())
+    return max(1, min(n, per_thread, max(1 << 13, CHUNK_BUFFER_CAP // steps)))
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:

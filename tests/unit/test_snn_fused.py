@@ -160,16 +160,17 @@ def test_fused_matches_loop_values_and_all_gradients(reset, detach, adaptive, su
 
 
 def test_fused_chunked_and_noncontiguous_and_expanded_grad(monkeypatch) -> None:
-    monkeypatch.setattr(fused, "CHUNK_ELEMS", 8)  # 30 elements -> 4 chunks, last one short
+    monkeypatch.setattr(fused, "_chunk_size", lambda steps, n: 8)  # 30 -> 4 chunks, last short
     steps = 5
     base = torch.randn(steps, 5, 6, dtype=F64) * 1.5 + 0.5
     x = base.transpose(1, 2)  # non-contiguous input
     leak, gain = _params(steps, True, 2)
     sur = SURROGATES.create("sigmoid")
+    gout = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(5))
     for reset in ("soft", "hard"):
-        ones = torch.ones(x.shape, dtype=F64).expand_as(x)
-        ref = _run_adaptive("loop", x, leak, gain, 1.0, sur, reset, False, ones)
-        out = _run_adaptive("fused", x, leak, gain, 1.0, sur, reset, False, ones)
+        thr = torch.tensor(0.9, dtype=F64)
+        ref = _run_adaptive("loop", x, leak, gain, thr, sur, reset, False, gout)
+        out = _run_adaptive("fused", x, leak, gain, thr, sur, reset, False, gout)
         for got, want in zip(out, ref):
             torch.testing.assert_close(got, want, **TOL)
     # gout from .sum() is an expanded (stride 0) tensor
