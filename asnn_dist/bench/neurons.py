@@ -1,7 +1,12 @@
 """Neuron kernel benchmark: fused multi-step adaptive LIF vs the loop of step functions
 (vs SpikingJelly's multi-step LIFNode, torch backend, when it is installed).
 
-Run: ``python -m asnn_dist.bench.neurons --steps 4 8 16 --repeats 5``.
+Run: ``python -m asnn_dist.bench.neurons --steps 4 8 16 --repeats 5 [--threads N]``.
+Neurons: ASNN AdaptiveLIF (per-step leak/gain, soft reset, sigmoid surrogate) with the
+"fused" and "loop" backends; SpikingJelly's LIFNode (tau 2, soft reset) as an outside
+reference. Ratios compare fused with loop measured in the same run; on a shared machine
+timings are noisy (backends alternate within each repeat, and ``--threads 1`` avoids
+intra-op threads waiting for a busy core).
 
 What is measured, per layer shape and T, all fp32 on the current device (CPU here):
 - time: median wall time of forward + backward (input and upstream gradient prepared
@@ -15,11 +20,17 @@ What is measured, per layer shape and T, all fp32 on the current device (CPU her
   forward (``torch.autograd.graph.saved_tensors_hooks``); the layer input is included since
   in a network it is another layer's output kept alive only for this layer.
 Layers: Spikformer-sized [T, 32, 64 tokens, 384 ch] and conv-sized [T, 32, 128, 16, 16].
+
+A lone neuron layer's peak is dominated by its output and its input gradient, which every
+implementation must allocate; in a network the peak is the sum of what each layer keeps for
+backward. ``--stack D`` adds rows for a stack of D [Linear 384->384 + neuron] blocks on the
+Spikformer shape, where that difference shows in the peak itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import time
 from typing import Any, Callable
@@ -45,10 +56,13 @@ def _spikingjelly_lif() -> Callable[[], nn.Module] | None:
 
         def __init__(self) -> None:
             super().__init__()
-            self.node = neuron.LIFNode(
+            kwargs = dict(
                 tau=2.0, v_reset=None, surrogate_function=surrogate.Sigmoid(alpha=4.0),
-                step_mode="m", backend="torch",
+                step_mode="m",
             )
+            if "backend" in inspect.signature(neuron.LIFNode.__init__).parameters:
+                kwargs["backend"] = "torch"  # SpikingJelly < 2.0 also has cupy/triton
+            self.node = neuron.LIFNode(**kwargs)
 
         def forward(self, x: Tensor) -> Tensor:
             functional.reset_net(self.node)
@@ -106,21 +120,46 @@ def _time_interleaved(
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
-def run(steps: tuple[int, ...] = (4, 8, 16), repeats: int = 5) -> list[dict]:
+class _Stack(nn.Module):
+    """D blocks of [Linear -> neuron] on [T, B, tokens, C]: a slice of a Spikformer MLP."""
+
+    def __init__(self, make_neuron: Callable[[], nn.Module], depth: int, channels: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linears = nn.ModuleList(nn.Linear(channels, channels) for _ in range(depth))
+        self.neurons = nn.ModuleList(make_neuron() for _ in range(depth))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for linear, neuron in zip(self.linears, self.neurons):
+            x = neuron(2.0 * linear(x))
+        return x
+
+
+def _backends(T: int, sj: Callable[[], nn.Module] | None, stack: int) -> dict[str, nn.Module]:
+    makers: dict[str, Callable[[], nn.Module]] = {
+        "fused": lambda: AdaptiveLIF(T, backend="fused"),
+        "loop": lambda: AdaptiveLIF(T, backend="loop"),
+    }
+    if sj is not None:
+        makers["spikingjelly"] = sj
+    if stack:
+        return {name: _Stack(make, stack, LAYERS["spikformer"][-1]) for name, make in makers.items()}
+    return {name: make() for name, make in makers.items()}
+
+
+def run(steps: tuple[int, ...] = (4, 8, 16), repeats: int = 5, stack: int = 0) -> list[dict]:
     """One row per (layer, T) with time / memory of each backend and fused-vs-loop ratios."""
     sj = _spikingjelly_lif()
     rows = []
-    for layer, shape in LAYERS.items():
+    layers = dict(LAYERS)
+    if stack:
+        layers[f"stack{stack}"] = LAYERS["spikformer"]
+    for layer, shape in layers.items():
         for T in steps:
             gen = torch.Generator().manual_seed(0)
             x = (1.5 * torch.randn(T, *shape, generator=gen)).requires_grad_()
             gout = torch.randn(T, *shape, generator=gen)
-            backends: dict[str, nn.Module] = {
-                "fused": AdaptiveLIF(T, backend="fused"),
-                "loop": AdaptiveLIF(T, backend="loop"),
-            }
-            if sj is not None:
-                backends["spikingjelly"] = sj()
+            backends = _backends(T, sj, stack if layer.startswith("stack") else 0)
             row: dict[str, Any] = {"layer": layer, "shape": "x".join(map(str, shape)), "T": T}
             for name, ms in _time_interleaved(backends, x, gout, repeats).items():
                 row[f"{name}_ms"] = ms
@@ -167,12 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
+    parser.add_argument("--stack", type=int, default=4,
+                        help="also measure a stack of this many Linear+neuron blocks (0 = off)")
     args = parser.parse_args(argv)
     if any(t < 1 for t in args.steps) or args.repeats < 1:
         parser.error("--steps values and --repeats must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rows = run(tuple(args.steps), args.repeats)
+    rows = run(tuple(args.steps), args.repeats, args.stack)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, fwd+bwd")
     print(format_table(rows))
     return 0

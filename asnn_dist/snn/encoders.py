@@ -224,11 +224,12 @@ class HybridEncoder(Encoder):
                 f"hybrid needs 1 <= direct_steps (k) < num_steps (T) = {num_steps}, got "
                 f"{direct_steps}; use the direct encoder for k = T"
             )
+        if num_levels is not None and scheme != "threshold":
+            raise ValueError(f"num_levels applies to scheme 'threshold' only, got {scheme!r}")
+        if scheme == "threshold" and num_levels is None:
+            num_levels = num_steps  # authors' code: L = T, smallest threshold 1/T for k = 1
         self.scheme = scheme
-        self.temporal = _temporal(
-            scheme, num_steps - direct_steps, levels,
-            num_steps if num_levels is None else num_levels, seed,
-        )
+        self.temporal = _temporal(scheme, num_steps - direct_steps, levels, num_levels, seed)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([_repeat(x, self.direct_steps), self.temporal(x)])

@@ -8,6 +8,7 @@ on the same device), so spikes and resets seen by backward equal those of the fo
 flattened batch is processed in cache-sized chunks (all T steps of a chunk, then the next),
 with in-place ops into small preallocated buffers; surrogate scales are folded into the
 multiply-adds that follow (``Surrogate.kernel_form``) to save passes over memory.
+Memory: the forward saves x only; the backward allocates dx plus [T, chunk] buffers.
 
 Recurrence (method section 1; the loop reference is ``functional.adaptive_lif_step``):
     h[t] = leak[t] * v[t-1] + gain[t] * x[t]     v[-1] = 0
@@ -77,7 +78,8 @@ def _step(
 
 def _forward(
     x2: Tensor, s2: Tensor, lk: list[float], gn: list[float], thr: float, hard: bool
-) -> None:
+) -> int:
+    """Spikes of x2 [T, n] into s2; returns the chunk size (backward recomputes with it)."""
     steps, n = x2.shape
     chunk = _chunk_size(steps, n)
     h_buf, v_buf = x2.new_empty(chunk), x2.new_empty(chunk)
@@ -86,6 +88,7 @@ def _forward(
         h, v = h_buf[: hi - lo], v_buf[: hi - lo]
         for t in range(steps):
             _step(x2[t, lo:hi], v if t else None, lk[t], gn[t], thr, hard, h, s2[t, lo:hi], v)
+    return chunk
 
 
 def _chunk_size(steps: int, n: int) -> int:
@@ -132,7 +135,7 @@ class _FusedAdaptiveLIF(torch.autograd.Function):
         thr = float(threshold)
         spikes = torch.empty_like(x)
         n = x[0].numel()
-        _forward(x.view(steps, n), spikes.view(steps, n), lk, gn, thr, hard)
+        ctx.chunk = _forward(x.view(steps, n), spikes.view(steps, n), lk, gn, thr, hard)
         tensors = [t if isinstance(t, Tensor) else None for t in (leak, gain, threshold)]
         ctx.save_for_backward(x, *tensors)
         ctx.consts = (lk, gn, thr, surrogate, hard, detach_reset)
@@ -147,7 +150,7 @@ class _FusedAdaptiveLIF(torch.autograd.Function):
         steps, n = x.shape[0], x[0].numel()
         x2, g2 = x.view(steps, n), gout.reshape(steps, n)
         gx = torch.empty_like(x) if need_x else None
-        chunk = _chunk_size(steps, n)
+        chunk = ctx.chunk  # same chunks as the forward: identical recomputed values
         H_b, V_b, G_b = (x2.new_empty(steps, chunk) for _ in range(3))
         s_b, q_b = x2.new_empty(chunk), x2.new_empty(chunk)
         M_b = x2.new_empty(steps, chunk) if hard else None
