@@ -102,6 +102,31 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from asnn_dist.inference import evaluate_shards, load_model
+
+    loaded = load_model(args.model, args.tracking_uri)
+    m = evaluate_shards(loaded, args.data, args.split, args.batch_size)
+    print(f"{args.model} on {args.data} ({args.split}): top-1 {m['val_top1']:.4f}  top-5 {m['val_top5']:.4f}  "
+          f"loss {m['val_loss']:.4f}  ({int(m['val_count'])} samples)")
+    prefix = "val_anytime_top1_t"
+    steps = [m[f"{prefix}{t}"] for t in range(1, 1 + sum(k.startswith(prefix) for k in m))]
+    print("anytime top-1 by steps used: " + ", ".join(f"t{i + 1}={v:.3f}" for i, v in enumerate(steps)))
+    if "val_firing_rate/mean" in m:
+        print(f"mean firing rate {m['val_firing_rate/mean']:.4f}, {m['val_sops_per_sample']:.3g} SOPs/sample, "
+              f"energy {m['val_energy/total_pj'] * 1e-6:.3f} uJ/sample (45 nm convention)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from asnn_dist.inference import load_model, predict_files
+
+    loaded = load_model(args.model, args.tracking_uri)
+    for path, top in zip(args.images, predict_files(loaded, args.images, args.top)):
+        print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(BENCHES[args.bench])
     return int(module.main(args.bench_args) or 0)
@@ -143,6 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list registered models", description="List registered models (fnmatch pattern).")
     m.add_argument("pattern", nargs="?", default="*", help="e.g. 'spikformer*' (default: all)")
     m.set_defaults(func=cmd_models)
+
+    model_help = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, or a run's final checkpoint folder"
+    e = sub.add_parser("evaluate", help="evaluate a registered or checkpointed model on shards",
+                       description="Top-1/top-5, anytime accuracy per step, firing rates and energy estimate.")
+    e.add_argument("--model", required=True, help=model_help)
+    e.add_argument("--data", required=True, help="shard folder (with <split>.manifest.json) or a manifest URL")
+    e.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
+    e.add_argument("--batch-size", type=int, default=64, help="batch size (default: %(default)s)")
+    e.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="top-k classes of image files", description="Print the top-k classes "
+                        "with probabilities for each image, using a registered or checkpointed model.")
+    pr.add_argument("--model", required=True, help=model_help)
+    pr.add_argument("images", nargs="+", help="image files (PNG/JPEG)")
+    pr.add_argument("--top", type=int, default=5, help="classes to show (default: %(default)s)")
+    pr.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    pr.set_defaults(func=cmd_predict)
 
     b = sub.add_parser("bench", help="run a benchmark", description="Benchmarks print ratios measured in one run.")
     b.add_argument("bench", choices=sorted(BENCHES), help="which benchmark")

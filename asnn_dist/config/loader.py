@@ -188,6 +188,8 @@ def resolve_paths(cfg: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
         cfg.run.storage_path = str((base_dir / cfg.run.storage_path).resolve())
     if cfg.tracking.uri is None:
         cfg.tracking.uri = f"sqlite:///{Path(cfg.workdir) / 'mlflow.db'}"
+    if cfg.tracking.artifact_location is None and not cfg.tracking.uri.startswith(("http://", "https://")):
+        cfg.tracking.artifact_location = str(Path(cfg.workdir) / "mlartifacts")
     return cfg
 
 

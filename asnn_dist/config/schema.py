@@ -135,13 +135,26 @@ class RunConfig(Section):
     storage_path: Optional[str] = Field(None, description="Ray Train storage (local path or s3://); default <workdir>/ray_results")
     ray_address: Optional[str] = Field(None, description="Ray cluster address; default: RAY_ADDRESS or a local instance")
     log_every_steps: int = Field(10, ge=1, description="metric logging cadence in optimizer steps")
+    eval_every_steps: int = Field(0, ge=0, description="evaluate every N optimizer steps (0 = at each epoch end only)")
+    spike_stats: bool = Field(True, description="firing rates, synaptic operations and energy during evaluation")
     progress: bool = Field(True, description="progress bar on rank 0")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", description="Ray Train's own log level")
+
+
+class S3Config(Section):
+    endpoint_url: Optional[str] = Field(
+        None, description="S3-compatible endpoint (e.g. http://minio:9000); default AWS_ENDPOINT_URL or AWS"
+    )
+    region: Optional[str] = Field(None, description="S3 region; default from the AWS config chain")
 
 
 class TrackingConfig(Section):
     uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite:///<workdir>/mlflow.db")
     experiment: str = Field("asnn-dist", description="MLflow experiment name")
+    artifact_location: Optional[str] = Field(
+        None, description="artifact root of a new experiment; default <workdir>/mlartifacts for a local "
+        "database URI, the server's own choice for http(s) servers"
+    )
     registered_model: Optional[str] = Field("asnn-lenet", description="registry name; null = do not register")
     alias: str = Field("champion", description="alias given to a newly registered version")
 
@@ -168,6 +181,7 @@ class ExperimentConfig(Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    s3: S3Config = Field(default_factory=S3Config)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @property

@@ -1,14 +1,19 @@
 """Generate DeepSpeed's JSON config from our typed config (never hand-written JSON).
 
-The schedule (warmup + cosine, per optimizer step) is ours (``schedule.py``) rather than a
+AdamW and SGD are torch optimizers handed to ``deepspeed.initialize``: their step counts are
+per-parameter tensors in the state dict, so a resumed run continues bit for bit (DeepSpeed's
+CPU fused Adam keeps bias-correction powers in C++ state that a restore recomputes with
+``pow``, which differs in the last bits). The schedule (warmup + cosine, per optimizer step) is ours (``schedule.py``) rather than a
 DeepSpeed scheduler so that plain-PyTorch references and resumed runs share one definition.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
+    import torch
+
     from asnn_dist.config import ExperimentConfig
 
 
@@ -30,26 +35,33 @@ def build_deepspeed_config(cfg: "ExperimentConfig", world_size: int) -> dict[str
     if e.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
 
-    if o.name == "adamw":
-        optimizer = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay}}
-    elif o.name == "lamb":
-        optimizer = {"type": "Lamb", "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay}}
-    else:
-        optimizer = {"type": "SGD", "params": {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay}}
-
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": o.micro_batch_size,
         "gradient_accumulation_steps": o.grad_accum_steps,
         "train_batch_size": o.micro_batch_size * o.grad_accum_steps * world_size,
-        "optimizer": optimizer,
         "zero_optimization": zero,
         "gradient_clipping": o.grad_clip,
         "steps_per_print": e.steps_per_print,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if o.name == "lamb":  # DeepSpeed's own LAMB; AdamW/SGD are torch optimizers (build_optimizer)
+        ds["optimizer"] = {"type": "Lamb", "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay}}
     if e.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif e.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 12}
     return ds
+
+
+def build_optimizer(cfg: "ExperimentConfig", params) -> Optional["torch.optim.Optimizer"]:
+    """The client optimizer for ``deepspeed.initialize`` (None: DeepSpeed builds LAMB itself)."""
+    import torch
+
+    o = cfg.optim
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                 foreach=True)
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return None

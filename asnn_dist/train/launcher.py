@@ -66,17 +66,30 @@ def init_ray(cfg: ExperimentConfig) -> None:
              configure_logging=False)
 
 
+RUN_NAME_TAG = "asnn.run_name"
+
+
 def start_mlflow_run(cfg: ExperimentConfig) -> str:
+    """Create the MLflow run, or reopen the one of a resumed job (same run.name)."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     from asnn_dist.tracking.client import RunLogger, check_tracking_server
 
     check_tracking_server(cfg.tracking.uri)
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    exp = mlflow.set_experiment(cfg.tracking.experiment)
-    from mlflow.tracking import MlflowClient
-
-    run = MlflowClient(tracking_uri=cfg.tracking.uri).create_run(exp.experiment_id, run_name=cfg.run.name)
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        client.create_experiment(cfg.tracking.experiment, artifact_location=cfg.tracking.artifact_location)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}'",
+                               max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(exp.experiment_id, run_name=cfg.run.name, tags={RUN_NAME_TAG: cfg.run.name})
     logger = RunLogger(cfg.tracking.uri, run.info.run_id)
     logger.log_params(flatten_config(cfg))
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +119,10 @@ def run_training(cfg: ExperimentConfig) -> TrainOutcome:
     if not cfg.run.name:
         cfg = cfg.model_copy(deep=True)
         cfg.run.name = default_run_name(cfg)
+    from asnn_dist.train.storage import ray_storage, s3_endpoint
+
     prepare_data(cfg)
+    storage_path, storage_fs = ray_storage(cfg.run.storage_path, s3_endpoint(cfg.s3.endpoint_url), cfg.s3.region)
     run_id = start_mlflow_run(cfg)
     save_resolved_config(cfg)
     init_ray(cfg)
@@ -118,7 +134,7 @@ def run_training(cfg: ExperimentConfig) -> TrainOutcome:
             resources_per_worker={"CPU": cfg.run.cpus_per_worker},
         ),
         run_config=RunConfig(
-            name=cfg.run.name, storage_path=cfg.run.storage_path,
+            name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             logging_config=LoggingConfig(log_level=cfg.run.log_level),
@@ -144,21 +160,31 @@ def _unwrap_user_error(exc: BaseException) -> BaseException:
     return exc
 
 
+REGISTERED_TAG = "asnn.registered_version"
+
+
 def _finish(cfg: ExperimentConfig, run_id: str, result) -> TrainOutcome:
+    from mlflow.tracking import MlflowClient
+
     from asnn_dist.train.checkpointing import load_final_model
 
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
     metrics = dict(result.metrics or {})
     registered, moved, ckpt_path = None, False, None
     if result.checkpoint is not None:
         ckpt_path = result.checkpoint.path
-        with result.checkpoint.as_directory() as folder:
-            state_dict, meta = load_final_model(folder)
-        reg = register_model(cfg, run_id, state_dict, meta, metrics)
-        if reg is not None:
-            registered, moved = reg.version, reg.alias_moved
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri=cfg.tracking.uri).set_terminated(run_id, "FINISHED")
+        done_before = client.get_run(run_id).data.tags.get(REGISTERED_TAG)
+        if done_before:  # a finished run started again: nothing new to register
+            registered = done_before
+        else:
+            with result.checkpoint.as_directory() as folder:
+                state_dict, meta = load_final_model(folder)
+            metrics = {**meta.get("metrics", {}), **metrics}
+            reg = register_model(cfg, run_id, state_dict, meta, metrics)
+            if reg is not None:
+                registered, moved = reg.version, reg.alias_moved
+                client.set_tag(run_id, REGISTERED_TAG, reg.version)
+    client.set_terminated(run_id, "FINISHED")
     return TrainOutcome(cfg.run.name, run_id, metrics, ckpt_path, registered, moved)
 
 
@@ -169,9 +195,13 @@ def register_model(cfg: ExperimentConfig, run_id: str, state_dict, meta: dict, m
     from asnn_dist.tracking.model_registry import log_and_register
     from asnn_dist.tracking.plots import log_model_plots
 
+    from asnn_dist.data.manifest import load_manifest
+    from asnn_dist.inference import attach_metadata
+
     model = create_model(meta["model"], **meta["kwargs"])
     model.load_state_dict(state_dict)
-    model.eval()
+    classes = load_manifest(f"{cfg.data.root}/{cfg.data.train_split}.manifest.json").classes
+    attach_metadata(model.eval(), cfg.data.in_channels, cfg.data.image_size, classes)
     log_model_plots(model, cfg.tracking.uri, run_id)
     example = torch.rand(2, cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size,
                          generator=torch.Generator().manual_seed(0))

@@ -1,16 +1,23 @@
 """The per-worker training function that Ray Train's TorchTrainer runs on every rank.
 
-Every rank: builds the model and its DeepSpeed engine, streams its share of the shards, trains,
+Every rank builds the model and its DeepSpeed engine, streams its share of the shards, trains,
 evaluates (sums all-reduced so each sample counts once), saves its part of the checkpoint and
-calls ``ray.train.report`` on the same cadence (the report is a barrier). Only world rank 0
-talks to MLflow.
+calls ``ray.train.report`` on the same cadence (the report is a barrier: the cadence depends
+only on step counts, never on rank-local state). Only world rank 0 talks to MLflow.
+
+Resume is exact: a checkpoint stores DeepSpeed's state (weights, optimizer, ZeRO partitions),
+the loop position (epoch, optimizer step, micro batches consumed in the epoch) and every
+rank's RNG state; the data order is a pure function of (seed, epoch), so skipping the consumed
+micro batches puts the loader where it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import torch
@@ -18,9 +25,16 @@ import torch.nn.functional as F
 
 from asnn_dist.config import ExperimentConfig
 from asnn_dist.train import checkpointing as ckpt
-from asnn_dist.train.deepspeed_config import build_deepspeed_config
-from asnn_dist.train.evaluate import evaluate
+from asnn_dist.train.deepspeed_config import build_deepspeed_config, build_optimizer
+from asnn_dist.train.metrics import evaluate_with_stats, learned_param_summary
 from asnn_dist.train.schedule import lr_at
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0
+    global_step: int = 0
+    micro_in_epoch: int = 0
 
 
 def masked_loss(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -33,10 +47,8 @@ def masked_loss(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
 def _progress(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
-    try:
-        from ray.experimental.tqdm_ray import tqdm
-    except ImportError:  # pragma: no cover - ray always ships it
-        from tqdm import tqdm
+    from ray.experimental.tqdm_ray import tqdm
+
     bar = tqdm(total=total, desc="train steps")
     if initial:
         bar.update(initial)  # resumed run: the bar starts where the run stands
@@ -50,104 +62,160 @@ def _make_loaders(cfg: ExperimentConfig, rank: int, world: int):
     root = cfg.data.root
     common = dict(rank=rank, world_size=world, num_workers=cfg.data.num_workers,
                   image_size=cfg.data.image_size, seed=cfg.seed)
-    train = ShardLoader(load_manifest(f"{root}/{cfg.data.train_split}.manifest.json"),
+    train_manifest = load_manifest(f"{root}/{cfg.data.train_split}.manifest.json")
+    train = ShardLoader(train_manifest,
                         batch_size=cfg.optim.micro_batch_size, train=True,
                         shuffle_buffer=cfg.data.shuffle_buffer, augment=cfg.data.augment, **common)
     val = ShardLoader(load_manifest(f"{root}/{cfg.data.val_split}.manifest.json"),
                       batch_size=cfg.optim.micro_batch_size, train=False, **common)
-    return train, val
+    return train, val, train_manifest.classes
+
+
+class Trainer:
+    """One rank's training run: owns the engine, the loaders, the loop state and the reports."""
+
+    def __init__(self, cfg: ExperimentConfig, run_id: Optional[str]) -> None:
+        import deepspeed
+        import ray.train
+
+        from asnn_dist.models.build import model_from_config, model_kwargs
+
+        self.cfg = cfg
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(cfg.run.threads_per_worker)
+        torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts)
+        model = model_from_config(cfg)
+        self.train_loader, self.val_loader, classes = _make_loaders(cfg, self.rank, self.world)
+        self.meta = {"model": cfg.model.name, "kwargs": model_kwargs(cfg), "classes": classes}
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=params, optimizer=build_optimizer(cfg, params),
+            config=build_deepspeed_config(cfg, self.world),
+        )
+        self.accum = cfg.optim.grad_accum_steps
+        self.steps_per_epoch = len(self.train_loader) // self.accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"each rank gets {len(self.train_loader)} micro batches per epoch, fewer than "
+                f"optim.grad_accum_steps={self.accum}; lower optim.micro_batch_size or grad_accum_steps"
+            )
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        self.state = LoopState()
+        self.logger = None
+        if self.rank == 0 and run_id:
+            from asnn_dist.tracking.client import RunLogger
+
+            self.logger = RunLogger(cfg.tracking.uri, run_id)
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def restore(self) -> bool:
+        import ray.train
+
+        restored = ray.train.get_checkpoint()
+        if restored is None:
+            torch.manual_seed(self.cfg.seed + 1000 * self.rank)  # per-rank stochastic codes
+            return False
+        with restored.as_directory() as folder:
+            self.state = LoopState(**ckpt.load_training_checkpoint(self.engine, folder, self.rank))
+        if self.logger is not None:
+            self.logger.set_tag("asnn.resumed_from_step", str(self.state.global_step))
+        return True
+
+    def report(self, metrics: dict[str, Any], final: bool = False) -> None:
+        """Checkpoint every rank's state and report (a barrier: all ranks call it together)."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="asnn-ckpt-") as folder:
+            ckpt.save_training_checkpoint(self.engine, folder, self.rank, asdict(self.state))
+            if final:
+                sd = ckpt.consolidated_state_dict(self.engine, self.cfg.engine.zero_stage)
+                if sd is not None:
+                    ckpt.save_final_model(folder, sd, {**self.meta, "metrics": metrics})
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+    # ---- evaluation -------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        module = self.engine.module
+        metrics = evaluate_with_stats(module, self.val_loader, module.num_steps, self.cfg.run.spike_stats)
+        with self._gathered_small_params():
+            metrics.update(learned_param_summary(module))
+        metrics.update(epoch=self.state.epoch, global_step=self.state.global_step)
+        if self.logger is not None:
+            self.logger.log_metrics(metrics, self.state.global_step)
+        return metrics
+
+    def _gathered_small_params(self):
+        if self.cfg.engine.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        small = [p for n, p in self.engine.module.named_parameters() if n.endswith(("leak", "gain", "scale"))]
+        return deepspeed.zero.GatheredParameters(small, modifier_rank=None)
+
+    # ---- training -----------------------------------------------------------------------
+    def train_micro_batch(self, batch) -> float:
+        images, labels, valid = batch[:3]
+        o = self.cfg.optim
+        lr = lr_at(self.state.global_step, self.total_steps, o.lr, o.warmup_steps, o.min_lr, o.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = masked_loss(self.engine(images), labels, valid, o.label_smoothing)
+        self.engine.backward(loss)
+        self.engine.step()
+        return float(loss.detach())
+
+    def run(self) -> None:
+        cfg, st = self.cfg, self.state
+        bar = _progress(self.total_steps, st.global_step, self.rank == 0 and cfg.run.progress)
+        every_eval, every_ckpt = cfg.run.eval_every_steps, cfg.checkpoint.every_steps
+        micro_per_epoch = self.steps_per_epoch * self.accum
+        while st.epoch < cfg.optim.epochs:
+            self.train_loader.set_epoch(st.epoch)
+            self.engine.train()
+            t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+            for micro, batch in enumerate(self.train_loader):
+                if micro >= micro_per_epoch:
+                    break
+                if micro < st.micro_in_epoch:
+                    continue  # resumed mid-epoch: these batches were trained before the stop
+                loss_sum += self.train_micro_batch(batch)
+                loss_n += 1
+                seen += int(batch[2].sum())
+                st.micro_in_epoch = micro + 1
+                if st.micro_in_epoch % self.accum:
+                    continue
+                st.global_step += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.logger is not None and st.global_step % cfg.run.log_every_steps == 0:
+                    rate = seen * self.world / max(time.perf_counter() - t0, 1e-9)
+                    self.logger.log_metrics({"train_loss": loss_sum / max(loss_n, 1), "lr": self._lr(),
+                                             "train_images_per_s": rate}, st.global_step)
+                    loss_sum, loss_n = 0.0, 0
+                last_of_epoch = st.micro_in_epoch >= micro_per_epoch
+                if last_of_epoch:
+                    break
+                if every_eval and st.global_step % every_eval == 0:
+                    self.report(self.evaluate())
+                elif every_ckpt and st.global_step % every_ckpt == 0:
+                    self.report({"epoch": st.epoch, "global_step": st.global_step})
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            st.epoch, st.micro_in_epoch = st.epoch + 1, 0
+            metrics = self.evaluate()
+            metrics["train_images_per_s"] = seen * self.world / elapsed
+            self.report(metrics, final=st.epoch == cfg.optim.epochs)
+        if bar is not None:
+            bar.close()
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import deepspeed
-    import ray.train
-
-    from asnn_dist.models.build import model_from_config, model_kwargs
-
     cfg = ExperimentConfig.model_validate(loop_config["config"])
     logging.getLogger("ray.train").setLevel(cfg.run.log_level)
-    run_id: Optional[str] = loop_config.get("mlflow_run_id")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.run.threads_per_worker)
-    torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts)
-
-    model = model_from_config(cfg)
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=build_deepspeed_config(cfg, world),
-    )
-    train_loader, val_loader = _make_loaders(cfg, rank, world)
-    accum = cfg.optim.grad_accum_steps
-    steps_per_epoch = len(train_loader) // accum
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"each rank gets {len(train_loader)} micro batches per epoch, fewer than "
-            f"optim.grad_accum_steps={accum}; lower optim.micro_batch_size or grad_accum_steps"
-        )
-    total_steps = steps_per_epoch * cfg.optim.epochs
-
-    state = {"epoch": 0, "global_step": 0}
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as folder:
-            state = ckpt.load_training_checkpoint(engine, folder, rank)
-
-    logger = None
-    if rank == 0 and run_id:
-        from asnn_dist.tracking.client import RunLogger
-
-        logger = RunLogger(cfg.tracking.uri, run_id)
-    bar = _progress(total_steps, state["global_step"], rank == 0 and cfg.run.progress)
-    torch.manual_seed(cfg.seed + 1000 * rank + state["epoch"])  # per-rank stochastic codes
-
-    step = state["global_step"]
-    for epoch in range(state["epoch"], cfg.optim.epochs):
-        train_loader.set_epoch(epoch)
-        engine.train()
-        t0, seen, loss_acc = time.perf_counter(), 0, 0.0
-        for micro, batch in enumerate(train_loader):
-            if micro >= steps_per_epoch * accum:
-                break
-            images, labels, valid = batch[:3]
-            lr = lr_at(step, total_steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr, cfg.optim.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = masked_loss(engine(images), labels, valid, cfg.optim.label_smoothing)
-            engine.backward(loss)
-            engine.step()
-            seen += int(valid.sum())
-            loss_acc += float(loss.detach())
-            if (micro + 1) % accum:
-                continue
-            step += 1
-            if bar is not None:
-                bar.update(1)
-            if logger is not None and step % cfg.run.log_every_steps == 0:
-                elapsed = max(time.perf_counter() - t0, 1e-9)
-                logger.log_metrics({"train_loss": loss_acc / accum / cfg.run.log_every_steps, "lr": lr,
-                                    "images_per_s": seen * world / elapsed}, step)
-                loss_acc = 0.0
-        epoch_time = time.perf_counter() - t0
-        metrics = evaluate(engine.module, val_loader, engine.module.num_steps)
-        metrics.update(epoch=epoch + 1, global_step=step, train_images_per_s=seen * world / max(epoch_time, 1e-9))
-        if logger is not None:
-            logger.log_metrics(metrics, step)
-        _report(engine, cfg, rank, {"epoch": epoch + 1, "global_step": step}, metrics,
-                final=epoch + 1 == cfg.optim.epochs, meta={"model": cfg.model.name, "kwargs": model_kwargs(cfg)})
-    if bar is not None:
-        bar.close()
-
-
-def _report(engine, cfg: ExperimentConfig, rank: int, loop_state: dict[str, Any], metrics: dict[str, Any],
-            final: bool, meta: dict[str, Any]) -> None:
-    import ray.train
-    from ray.train import Checkpoint
-
-    with tempfile.TemporaryDirectory(prefix="asnn-ckpt-") as folder:
-        ckpt.save_training_checkpoint(engine, folder, rank, loop_state)
-        if final:
-            sd = ckpt.consolidated_state_dict(engine, cfg.engine.zero_stage)
-            if sd is not None:
-                ckpt.save_final_model(folder, sd, {**meta, "metrics": metrics})
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+    trainer = Trainer(cfg, loop_config.get("mlflow_run_id"))
+    trainer.restore()
+    trainer.run()

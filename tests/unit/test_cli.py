@@ -14,7 +14,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "asnn_dist.cli", *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("sub", [[], ["demo"], ["train"], ["config"], ["shards"], ["models"], ["bench"]])
+@pytest.mark.parametrize("sub", [[], ["demo"], ["train"], ["config"], ["shards"], ["models"], ["bench"], ["evaluate"], ["predict"]])
 def test_help(sub):
     r = cli(*sub, "--help")
     assert r.returncode == 0, r.stderr

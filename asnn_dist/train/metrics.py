@@ -1,0 +1,66 @@
+"""Metrics computed on every rank and reduced once: evaluation with spike statistics, and the
+learned per-step ASNN parameters summarised for MLflow."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from asnn_dist.train.evaluate import all_reduce_sums, eval_sums, sums_to_metrics
+
+
+def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over ranks (each rank evaluates the same number of batches)."""
+    import torch.distributed as dist
+
+    if not values or not (dist.is_available() and dist.is_initialized()):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def evaluate_with_stats(model: nn.Module, batches: Iterable, num_steps: int, spike_stats: bool,
+                        prefix: str = "val_") -> dict[str, float]:
+    """Loss, top-1/5, anytime accuracy (exact counts across ranks) and spike statistics."""
+    from asnn_dist.snn.stats import collect_spike_stats
+
+    was_training = model.training
+    model.eval()
+    try:
+        if spike_stats:
+            with collect_spike_stats(model) as stats:
+                sums = eval_sums(model, batches, num_steps)
+            extra = {f"{prefix}{k}": v for k, v in stats.summary().items()}
+            for name, rate in stats.firing_rates().items():
+                for t, r in enumerate(rate.tolist()):
+                    extra[f"{prefix}firing_rate_step/{name}/t{t + 1}"] = r
+        else:
+            sums, extra = eval_sums(model, batches, num_steps), {}
+    finally:
+        model.train(was_training)
+    metrics = sums_to_metrics(all_reduce_sums(sums), prefix)
+    metrics.update(mean_across_ranks(extra))
+    return metrics
+
+
+def learned_param_summary(model: nn.Module) -> dict[str, float]:
+    """Mean/min/max of learned leaks and gains per layer, and the readout scale per step."""
+    out: dict[str, float] = {}
+    for name, mod in model.named_modules():
+        for key in ("leak", "gain"):
+            p = getattr(mod, key, None)
+            if isinstance(p, torch.Tensor) and p.numel() > 0:
+                v = p.detach().float()
+                out[f"{key}/{name}/mean"] = float(v.mean())
+                out[f"{key}/{name}/min"] = float(v.min())
+                out[f"{key}/{name}/max"] = float(v.max())
+    scale = getattr(getattr(model, "readout", None), "scale", None)
+    if isinstance(scale, torch.Tensor):
+        for t, v in enumerate(scale.detach().float().tolist()):
+            out[f"readout_scale/t{t + 1}"] = v
+    return out
