@@ -9,6 +9,12 @@ import pytest
 
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# Dummy credentials for the loopback moto S3 server only, set before Ray starts so that its
+# workers inherit them (the package itself reads credentials from the standard AWS chain).
+for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                     ("AWS_DEFAULT_REGION", "us-east-1")):
+    os.environ.setdefault(_key, _value)
+BUCKETS = ("asnn-ckpt", "asnn-mlflow", "asnn-data")
 
 
 @pytest.fixture(scope="session")
@@ -23,10 +29,11 @@ def digits_shards(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the session (4 logical CPUs: 2 workers + slack)."""
+    """One local Ray instance for the session (4 logical CPUs: 2 workers + slack); the dashboard
+    process serves the state API the fault-tolerance test uses to find worker processes."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    ray.init(num_cpus=4, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
     yield ray
     ray.shutdown()
@@ -41,10 +48,25 @@ def postgres_uri():
 
 
 @pytest.fixture(scope="session")
-def mlflow_http(tmp_path_factory, postgres_uri) -> str:
-    """A real ``mlflow server`` process backed by PostgreSQL, artifacts on local disk."""
+def s3_endpoint() -> str:
+    """moto's S3-compatible server on loopback with the test buckets created."""
+    import boto3
+
+    from asnn_dist.testing.services import moto_s3_server
+
+    with moto_s3_server() as url:
+        client = boto3.client("s3", endpoint_url=url)
+        for bucket in BUCKETS:
+            client.create_bucket(Bucket=bucket)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def mlflow_http(tmp_path_factory, postgres_uri, s3_endpoint) -> str:
+    """A real ``mlflow server`` process: PostgreSQL backend store, S3 (moto) artifact store."""
     from asnn_dist.testing.services import mlflow_server
 
     base = tmp_path_factory.mktemp("mlflow-server")
-    with mlflow_server(postgres_uri, str(base / "artifacts"), log_path=str(base / "server.log")) as uri:
+    env = {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    with mlflow_server(postgres_uri, "s3://asnn-mlflow/artifacts", log_path=str(base / "server.log"), env=env) as uri:
         yield uri

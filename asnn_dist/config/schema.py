@@ -35,7 +35,17 @@ class DataConfig(Section):
     num_workers: int = Field(0, ge=0, le=64, description="data loader worker processes per rank")
     shuffle_buffer: int = Field(256, ge=0, description="samples held in the per-worker shuffle buffer")
     samples_per_shard: int = Field(64, ge=1, description="samples per shard when shards are built")
-    augment: bool = Field(False, description="random-translation augmentation on training images")
+    augment: bool = Field(False, description="random augmentation of training images (per recipe)")
+    recipe: Literal["digits", "cifar", "imagenet"] = Field(
+        "digits", description="transforms: digits (resize, shifts), cifar (pad-4 crop + flip), imagenet "
+        "(random resized crop + flip + RandAugment; eval resize 256 + centre crop)"
+    )
+    mode: Literal["exact", "resampled"] = Field(
+        "exact", description="exact epochs (each sample once) or resampled epochs of epoch_length samples"
+    )
+    epoch_length: Optional[int] = Field(None, ge=1, description="samples per resampled epoch; default split size")
+    mixup_alpha: float = Field(0.0, ge=0.0, description="mixup Beta(alpha, alpha) on training batches (0 = off)")
+    cutmix_alpha: float = Field(0.0, ge=0.0, description="cutmix Beta(alpha, alpha) on training batches (0 = off)")
 
 
 class EncodingConfig(Section):
@@ -103,6 +113,9 @@ class OptimConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
     micro_batch_size: int = Field(32, ge=1, description="samples per rank per forward")
+    global_batch_size: Optional[int] = Field(
+        None, ge=1, description="optional check: must equal micro_batch_size x grad_accum_steps x run.num_workers"
+    )
     grad_accum_steps: int = Field(1, ge=1, description="micro batches per optimizer step")
     grad_clip: float = Field(0.0, ge=0.0, description="gradient norm clip (0 = off)")
     epochs: int = Field(10, ge=1, description="training epochs")
@@ -188,3 +201,20 @@ class ExperimentConfig(Section):
     def global_batch_size(self) -> int:
         """micro batch x accumulation x world size (what DeepSpeed checks)."""
         return self.optim.micro_batch_size * self.optim.grad_accum_steps * self.run.num_workers
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExperimentConfig":
+        o = self.optim
+        if o.global_batch_size is not None and o.global_batch_size != self.global_batch_size:
+            raise ValueError(
+                f"optim.global_batch_size={o.global_batch_size} but micro_batch_size x grad_accum_steps x "
+                f"run.num_workers = {o.micro_batch_size} x {o.grad_accum_steps} x {self.run.num_workers} = "
+                f"{self.global_batch_size}; change one of them"
+            )
+        if self.engine.precision == "fp16" and not self.run.use_gpu:
+            raise ValueError("engine.precision=fp16 needs run.use_gpu=true; allowed on CPU: fp32, bf16")
+        if self.engine.offload_params and self.engine.zero_stage != 3:
+            raise ValueError("engine.offload_params needs engine.zero_stage=3")
+        if self.data.in_channels not in (1, 3):
+            raise ValueError(f"data.in_channels={self.data.in_channels}; allowed: 1 or 3")
+        return self

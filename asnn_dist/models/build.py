@@ -21,6 +21,7 @@ def model_kwargs(cfg: "ExperimentConfig") -> dict:
         "encoding": cfg.encoding.model_dump(),
         "neuron": cfg.neuron.model_dump(),
         "learnable_readout": cfg.model.learnable_readout,
+        "time_segment": cfg.checkpoint.time_segment,
         **cfg.model.options,
     }
 

@@ -21,32 +21,54 @@ def learned_neuron_params(model: nn.Module) -> dict[str, dict[str, list[float]]]
     return out
 
 
-def plot_neuron_heatmaps(model: nn.Module, path: str) -> Optional[str]:
+def _heatmaps(panels: dict[str, dict[str, list[float]]], path: str) -> Optional[str]:
+    """One heatmap panel per title: rows = layers, columns = time steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    params = learned_neuron_params(model)
-    if not params:
+    panels = {k: v for k, v in panels.items() if v}
+    if not panels:
         return None
-    names = list(params)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 1.2 + 0.45 * len(names)))
-    for ax, key in zip(axes, ("leak", "gain")):
-        rows = [params[n][key] for n in names]
-        width = max(len(r) for r in rows)
-        grid = torch.full((len(rows), width), float("nan"))
-        for i, r in enumerate(rows):
-            grid[i, : len(r)] = torch.tensor(r)
+    rows_max = max(len(v) for v in panels.values())
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 1.2 + 0.45 * rows_max), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], panels.items()):
+        names = list(rows)
+        width = max(len(r) for r in rows.values())
+        grid = torch.full((len(names), width), float("nan"))
+        for i, n in enumerate(names):
+            grid[i, : len(rows[n])] = torch.tensor(rows[n])
         im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
-        ax.set_title(f"learned {key} per layer and step")
+        ax.set_title(title)
         ax.set_xlabel("time step")
+        ax.set_xticks(range(width), [str(t + 1) for t in range(width)])
         ax.set_yticks(range(len(names)), names, fontsize=7)
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_neuron_heatmaps(model: nn.Module, path: str) -> Optional[str]:
+    params = learned_neuron_params(model)
+    return _heatmaps({f"learned {key} per layer and step": {n: p[key] for n, p in params.items()}
+                      for key in ("leak", "gain")}, path)
+
+
+def firing_rates_from_metrics(metrics: dict[str, float], prefix: str = "val_firing_rate_step/") -> dict[str, list[float]]:
+    """``val_firing_rate_step/<layer>/t<k>`` metrics -> layer -> rates by step."""
+    table: dict[str, dict[int, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith(prefix):
+            layer, step = key[len(prefix):].rsplit("/t", 1)
+            table.setdefault(layer, {})[int(step)] = float(value)
+    return {layer: [steps[t] for t in sorted(steps)] for layer, steps in table.items()}
+
+
+def plot_firing_rates(metrics: dict[str, float], path: str) -> Optional[str]:
+    return _heatmaps({"firing rate per layer and step (evaluation)": firing_rates_from_metrics(metrics)}, path)
 
 
 def plot_training_curves(uri: str, run_id: str, path: str, keys: tuple[str, ...] = ("train_loss", "val_loss", "val_top1")) -> Optional[str]:
@@ -75,7 +97,7 @@ def plot_training_curves(uri: str, run_id: str, path: str, keys: tuple[str, ...]
     return path
 
 
-def log_model_plots(model: nn.Module, uri: str, run_id: str) -> list[str]:
+def log_model_plots(model: nn.Module, uri: str, run_id: str, metrics: Optional[dict[str, float]] = None) -> list[str]:
     """Render and log the plots; returns the artifact file names that were logged."""
     from asnn_dist.tracking.client import RunLogger
 
@@ -83,7 +105,8 @@ def log_model_plots(model: nn.Module, uri: str, run_id: str) -> list[str]:
     logged = []
     with tempfile.TemporaryDirectory() as tmp:
         for fn, name in ((lambda p: plot_neuron_heatmaps(model, p), "neuron_leak_gain.png"),
-                         (lambda p: plot_training_curves(uri, run_id, p), "training_curves.png")):
+                         (lambda p: plot_training_curves(uri, run_id, p), "training_curves.png"),
+                         (lambda p: plot_firing_rates(metrics or {}, p), "firing_rates.png")):
             out = fn(str(Path(tmp, name)))
             if out:
                 logger.log_artifact(out, "plots")

@@ -202,7 +202,7 @@ def register_model(cfg: ExperimentConfig, run_id: str, state_dict, meta: dict, m
     model.load_state_dict(state_dict)
     classes = load_manifest(f"{cfg.data.root}/{cfg.data.train_split}.manifest.json").classes
     attach_metadata(model.eval(), cfg.data.in_channels, cfg.data.image_size, classes)
-    log_model_plots(model, cfg.tracking.uri, run_id)
+    log_model_plots(model, cfg.tracking.uri, run_id, metrics)
     example = torch.rand(2, cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size,
                          generator=torch.Generator().manual_seed(0))
     return log_and_register(

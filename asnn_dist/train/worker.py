@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from asnn_dist.config import ExperimentConfig
 from asnn_dist.train import checkpointing as ckpt
 from asnn_dist.train.deepspeed_config import build_deepspeed_config, build_optimizer
-from asnn_dist.train.metrics import evaluate_with_stats, learned_param_summary
+from asnn_dist.train.metrics import evaluate_with_stats, learned_param_summary, mean_across_ranks
 from asnn_dist.train.schedule import lr_at
 
 
@@ -60,12 +60,15 @@ def _make_loaders(cfg: ExperimentConfig, rank: int, world: int):
     from asnn_dist.data.manifest import load_manifest
 
     root = cfg.data.root
-    common = dict(rank=rank, world_size=world, num_workers=cfg.data.num_workers,
-                  image_size=cfg.data.image_size, seed=cfg.seed)
+    from asnn_dist.train.storage import s3_endpoint
+
+    common = dict(rank=rank, world_size=world, num_workers=cfg.data.num_workers, image_size=cfg.data.image_size,
+                  seed=cfg.seed, recipe=cfg.data.recipe, s3_endpoint_url=s3_endpoint(cfg.s3.endpoint_url))
     train_manifest = load_manifest(f"{root}/{cfg.data.train_split}.manifest.json")
     train = ShardLoader(train_manifest,
                         batch_size=cfg.optim.micro_batch_size, train=True,
-                        shuffle_buffer=cfg.data.shuffle_buffer, augment=cfg.data.augment, **common)
+                        shuffle_buffer=cfg.data.shuffle_buffer, augment=cfg.data.augment,
+                        mode=cfg.data.mode, epoch_length=cfg.data.epoch_length, **common)
     val = ShardLoader(load_manifest(f"{root}/{cfg.data.val_split}.manifest.json"),
                       batch_size=cfg.optim.micro_batch_size, train=False, **common)
     return train, val, train_manifest.classes
@@ -136,12 +139,12 @@ class Trainer:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
     # ---- evaluation -------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, extra: Optional[dict[str, float]] = None) -> dict[str, float]:
         module = self.engine.module
         metrics = evaluate_with_stats(module, self.val_loader, module.num_steps, self.cfg.run.spike_stats)
         with self._gathered_small_params():
             metrics.update(learned_param_summary(module))
-        metrics.update(epoch=self.state.epoch, global_step=self.state.global_step)
+        metrics.update(epoch=self.state.epoch, global_step=self.state.global_step, **(extra or {}))
         if self.logger is not None:
             self.logger.log_metrics(metrics, self.state.global_step)
         return metrics
@@ -203,8 +206,9 @@ class Trainer:
                     self.report({"epoch": st.epoch, "global_step": st.global_step})
             elapsed = max(time.perf_counter() - t0, 1e-9)
             st.epoch, st.micro_in_epoch = st.epoch + 1, 0
-            metrics = self.evaluate()
-            metrics["train_images_per_s"] = seen * self.world / elapsed
+            skipped = mean_across_ranks({"s": float(getattr(self.train_loader, "skipped_samples", 0))})["s"]
+            metrics = self.evaluate({"train_images_per_s": seen * self.world / elapsed,
+                                     "train_skipped_samples": skipped * self.world})
             self.report(metrics, final=st.epoch == cfg.optim.epochs)
         if bar is not None:
             bar.close()

@@ -67,19 +67,32 @@ def reference(tmp_path_factory, digits_shards, ray_local):
     return final_weights(work / "ray_results", "reference")
 
 
+def registered_checkpoints(run_dir: Path) -> int:
+    """Checkpoints Ray Train's controller has registered (its snapshot file), not merely
+    uploaded: a failure before registration restarts from the previous one."""
+    import json
+
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return len(snapshot.get("checkpoint_results") or [])
+
+
 def resumed_from(cfg, run_id: str) -> str:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=cfg.tracking.uri).get_run(run_id).data.tags.get("asnn.resumed_from_step", "0")
 
 
-def _train_workers() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info.get("cmdline") or [])
-        if "RayTrainWorker" in cmd:
-            found.append(proc)
-    return found
+def _train_workers(started_after: float = 0.0) -> list[psutil.Process]:
+    """Live processes of the current run's Ray Train workers (Ray's state API), newer than
+    ``started_after`` so that a finished earlier run's workers are never picked."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    procs = [psutil.Process(a.pid) for a in actors if a.pid and psutil.pid_exists(a.pid)]
+    return [p for p in procs if p.is_running() and p.create_time() >= started_after]
 
 
 def test_killed_worker_restarts_from_checkpoint(tmp_path, digits_shards, ray_local, reference):
@@ -87,13 +100,13 @@ def test_killed_worker_restarts_from_checkpoint(tmp_path, digits_shards, ray_loc
 
     storage = tmp_path / "ray_results"
     killed: list[int] = []
+    started = time.time()
 
     def kill_after_first_checkpoint() -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
-            # Two checkpoint folders: the first is surely registered (reports are barriers).
-            if len(list((storage / "killed").glob("checkpoint_*"))) >= 2:
-                workers = _train_workers()
+            if registered_checkpoints(storage / "killed") >= 1:
+                workers = _train_workers(started)
                 if workers:
                     workers[-1].send_signal(signal.SIGKILL)
                     killed.append(workers[-1].pid)
@@ -119,7 +132,7 @@ def test_stopped_job_resumes_with_same_run_name(tmp_path, digits_shards, referen
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and len(list((storage / "stopped").glob("checkpoint_*"))) < 2:
+        while time.monotonic() < deadline and registered_checkpoints(storage / "stopped") < 1:
             assert first.poll() is None, first.stdout.read().decode()[-3000:]
             time.sleep(0.05)
         first.send_signal(signal.SIGINT)

@@ -125,3 +125,48 @@ def test_dump_roundtrip_and_flatten(tmp_path):
     assert flat["optim.lr"] == "0.005"
     assert flat["encoding.direct_steps"] == "1"
     assert isinstance(ExperimentConfig.model_validate(cfg.model_dump()), ExperimentConfig)
+
+
+def test_global_batch_checked():
+    cfg = load_config(None, ["optim.global_batch_size=128", "optim.grad_accum_steps=2"])
+    assert cfg.global_batch_size == 128
+    with pytest.raises(ConfigError, match=r"optim.global_batch_size=100 but .* 32 x 1 x 2 = 64"):
+        load_config(None, ["optim.global_batch_size=100"])
+
+
+def test_precision_and_offload_rules():
+    with pytest.raises(ConfigError, match="fp16 needs run.use_gpu=true"):
+        load_config(None, ["engine.precision=fp16"])
+    with pytest.raises(ConfigError, match="offload_params needs engine.zero_stage=3"):
+        load_config(None, ["engine.offload_params=true"])
+    assert load_config(None, ["engine.precision=bf16"]).engine.precision == "bf16"
+
+
+def test_deepspeed_config_generated():
+    from asnn_dist.train.deepspeed_config import build_deepspeed_config, build_optimizer
+
+    cfg = load_config(None, ["engine.zero_stage=3", "optim.grad_accum_steps=4", "optim.grad_clip=1.0",
+                             "engine.offload_optimizer=true", "engine.precision=bf16"])
+    ds = build_deepspeed_config(cfg, world_size=8)
+    assert ds["train_batch_size"] == 32 * 4 * 8
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 1.0
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["bf16"] == {"enabled": True} and "optimizer" not in ds
+    import torch
+
+    opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(opt, torch.optim.AdamW)
+    lamb = load_config(None, ["optim.name=lamb"])
+    assert build_deepspeed_config(lamb, 2)["optimizer"]["type"] == "Lamb" and build_optimizer(lamb, []) is None
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from asnn_dist.train.schedule import lr_at
+
+    assert lr_at(0, 100, 1.0, warmup=10) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, warmup=10) == pytest.approx(1.0)
+    assert lr_at(10, 100, 1.0, warmup=10) == pytest.approx(1.0)
+    assert lr_at(55, 100, 1.0, warmup=10, min_lr=0.0) == pytest.approx(0.5)
+    assert lr_at(100, 100, 1.0, warmup=10, min_lr=0.1) == pytest.approx(0.1)
+    assert lr_at(50, 100, 0.3, kind="constant") == 0.3
