@@ -68,18 +68,37 @@ def postgres_database(host: str = "127.0.0.1", port: int = 5432, user: str = "po
         admin.close()
 
 
+def _start_on_free_port(make_cmd, health_path: str, timeout_s: float, attempts: int = 3,
+                        log_path: Optional[str] = None, env: Optional[dict[str, str]] = None):
+    """Start a server on a free loopback port; retry on a new port if another process took
+    the chosen one between probing and binding (a race no port probe can close)."""
+    last: Exception | None = None
+    for _ in range(attempts):
+        port = free_port()
+        log = open(log_path or os.devnull, "ab")
+        proc = subprocess.Popen(make_cmd(port), stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(f"{url}{health_path}", timeout_s, proc)
+            return proc, log, url
+        except (RuntimeError, TimeoutError) as exc:
+            last = exc
+            _stop(proc)
+            log.close()
+    raise RuntimeError(f"server did not start after {attempts} attempts: {last}")
+
+
 @contextlib.contextmanager
 def mlflow_server(backend_uri: str, artifacts_dir: str, log_path: Optional[str] = None,
                   timeout_s: float = 120.0, env: Optional[dict[str, str]] = None) -> Iterator[str]:
     """An ``mlflow server`` process on a free loopback port; yields its http:// URI."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts_dir, "--workers", "1"]
-    log = open(log_path or os.devnull, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    uri = f"http://127.0.0.1:{port}"
+    def cmd(port: int) -> list[str]:
+        return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts_dir, "--workers", "1"]
+
+    proc, log, uri = _start_on_free_port(cmd, "/health", timeout_s, log_path=log_path, env=env)
     try:
-        wait_http(f"{uri}/health", timeout_s, proc)
         yield uri
     finally:
         _stop(proc)
@@ -89,15 +108,15 @@ def mlflow_server(backend_uri: str, artifacts_dir: str, log_path: Optional[str] 
 @contextlib.contextmanager
 def moto_s3_server(timeout_s: float = 60.0) -> Iterator[str]:
     """moto's S3-compatible HTTP server on loopback; yields its endpoint URL."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    def cmd(port: int) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+
+    proc, log, url = _start_on_free_port(cmd, "/moto-api/", timeout_s)
     try:
-        wait_http(f"{url}/moto-api/", timeout_s, proc)
         yield url
     finally:
         _stop(proc)
+        log.close()
 
 
 def ensure_dir(path: str) -> str:

@@ -24,6 +24,30 @@ def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def average_buffers(model: nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) across ranks.
+
+    Each rank updates its running statistics from its own batches; DeepSpeed does not sync
+    buffers. Averaging before every evaluation and checkpoint makes all ranks evaluate the same
+    function, and the saved (rank-0) model equal to the one that was evaluated.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).double() for b in buffers])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for b in buffers:
+        n = b.numel()
+        b.copy_(flat[offset : offset + n].view_as(b).to(b.dtype))
+        offset += n
+
+
 def evaluate_with_stats(model: nn.Module, batches: Iterable, num_steps: int, spike_stats: bool,
                         prefix: str = "val_") -> dict[str, float]:
     """Loss, top-1/5, anytime accuracy (exact counts across ranks) and spike statistics."""

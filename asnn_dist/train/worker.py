@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from asnn_dist.config import ExperimentConfig
 from asnn_dist.train import checkpointing as ckpt
 from asnn_dist.train.deepspeed_config import build_deepspeed_config, build_optimizer
-from asnn_dist.train.metrics import evaluate_with_stats, learned_param_summary, mean_across_ranks
+from asnn_dist.train.metrics import average_buffers, evaluate_with_stats, learned_param_summary, mean_across_ranks
 from asnn_dist.train.schedule import lr_at
 
 
@@ -130,6 +130,7 @@ class Trainer:
         import ray.train
         from ray.train import Checkpoint
 
+        average_buffers(self.engine.module)  # the saved (rank-0) buffers stand for all ranks
         with tempfile.TemporaryDirectory(prefix="asnn-ckpt-") as folder:
             ckpt.save_training_checkpoint(self.engine, folder, self.rank, asdict(self.state))
             if final:
@@ -141,6 +142,7 @@ class Trainer:
     # ---- evaluation -------------------------------------------------------------------
     def evaluate(self, extra: Optional[dict[str, float]] = None) -> dict[str, float]:
         module = self.engine.module
+        average_buffers(module)
         metrics = evaluate_with_stats(module, self.val_loader, module.num_steps, self.cfg.run.spike_stats)
         with self._gathered_small_params():
             metrics.update(learned_param_summary(module))

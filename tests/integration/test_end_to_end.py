@@ -72,8 +72,9 @@ def test_train_register_and_load_back(tmp_path, digits_shards, ray_local, mlflow
                          train=False, image_size=16)
     metrics = evaluate(model, loader, model.num_steps, distributed=False)
     assert metrics["val_count"] == 360
-    # Other batch shapes may flip a spike sitting exactly at threshold: allow one sample.
-    assert abs(metrics["val_top1"] - out.metrics["val_top1"]) <= 1 / 360 + 1e-9
+    # BatchNorm statistics are averaged over ranks before evaluation and saving, so the
+    # registered model is the function the ranks evaluated.
+    assert metrics["val_top1"] == pytest.approx(out.metrics["val_top1"], abs=1e-9)
 
     # The registered weights are exactly the consolidated weights of the final checkpoint.
     with out_checkpoint(out, cfg) as folder:
