@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 from asnn_dist.errors import UserError
 
-BENCHES = {"neurons": "asnn_dist.bench.neurons"}
+BENCHES = {name: f"asnn_dist.bench.{name}" for name in ("neurons", "model", "data", "zero", "train")}
 
 DEMO_EPILOG = """The demo builds shards from scikit-learn's bundled handwritten digits, trains the
 LeNet ASNN with hybrid coding (1 direct + 3 threshold-coded steps) on 2 local Ray workers with
@@ -84,15 +84,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_shards(args: argparse.Namespace) -> int:
-    from asnn_dist.data.sources import build_digits_shards
-
-    manifests = build_digits_shards(args.out, samples_per_shard=args.samples_per_shard, seed=args.seed)
-    for split, man in manifests.items():
-        print(f"{split}: {man.num_samples} samples in {len(man.shards)} shards -> {args.out}/{split}.manifest.json")
-    return 0
-
-
 def cmd_models(args: argparse.Namespace) -> int:
     from asnn_dist.registry import MODELS, list_models
 
@@ -156,14 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(c)
     c.set_defaults(func=cmd_config)
 
-    s = sub.add_parser("shards", help="write WebDataset shards with a manifest",
-                       description="Write train/test WebDataset shards (+ <split>.manifest.json) from "
-                       "scikit-learn's bundled digits.")
-    s.add_argument("source", choices=["digits"], help="dataset to write")
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--samples-per-shard", type=int, default=64, help="samples per shard (default: %(default)s)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the fixed stratified split (default: %(default)s)")
-    s.set_defaults(func=cmd_shards)
+    from asnn_dist.data.cli_shards import add_parser as add_shards_parser
+
+    add_shards_parser(sub)  # shards build SOURCE ... / shards digits --out DIR
 
     m = sub.add_parser("models", help="list registered models", description="List registered models (fnmatch pattern).")
     m.add_argument("pattern", nargs="?", default="*", help="e.g. 'spikformer*' (default: all)")

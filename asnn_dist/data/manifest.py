@@ -68,6 +68,10 @@ class Manifest(BaseModel):
         default_factory=dict,
         description="builder settings (seed, fractions...) so a rebuild with other settings is noticed",
     )
+    skipped: list[str] = Field(
+        default_factory=list,
+        description="source files left out of the shards ('<file>: <reason>'), e.g. unreadable images",
+    )
 
     _base_url: str | None = PrivateAttr(default=None)
 

@@ -1,29 +1,25 @@
-"""The per-worker read pipeline: shard URLs -> decoded, shuffled, batched samples.
+"""The per-worker read pipeline: which shards a DataLoader worker reads, and the stages it runs.
 
-Why in its own module: this is the part that runs inside DataLoader worker processes, built from
-webdataset stages (shard list, tar expansion, key grouping, shuffle buffer, batching) with our
-own storage opener, so shards are read through ``storage`` (local today, s3:// next) and any
-failure becomes a DataError naming the shard URL.
+Why in its own module: this is the part that runs inside DataLoader worker processes. Exact
+mode reads this rank's shards for the epoch split among workers (each sample once); resampled
+mode draws shards with replacement forever (the main process takes a fixed number of batches).
+Everything random is seeded by (seed, epoch, rank, worker), so a run is reproducible for a fixed
+worker count; failures travel to the main process as data (``WorkerFailure``) so the user sees
+the original one-line error instead of a worker traceback.
 """
 
 from __future__ import annotations
 
-import functools
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
-import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from asnn_dist.data import storage
-from asnn_dist.data.errors import DataError
+from asnn_dist.data.errors import DataError, UnreachableError
+from asnn_dist.data.recipes import TransformSpec
+from asnn_dist.data.samples import Skipped, WorkerBatch, batched, decoded, numbered, read_shards, shuffled
 from asnn_dist.data.sharding import derive_seed
-from asnn_dist.data.transforms import ImageTransform
-
-Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 
 @dataclass(frozen=True)
@@ -31,139 +27,80 @@ class WorkerFailure:
     """A DataError caught in a worker, carried to the main process as data.
 
     Why: torch re-raises worker exceptions with the whole worker traceback glued into the
-    message; passing the message through lets the loader raise the original one-line error.
+    message; passing the message (and whether the storage was unreachable) lets the loader
+    raise the original one-line error.
     """
 
     message: str
+    unreachable: bool = False
+
+    def error(self) -> DataError:
+        """The exception to raise in the main process."""
+        return UnreachableError(self.message) if self.unreachable else DataError(self.message)
 
 
-def open_shards(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """{url} -> {url, stream}, opened through the storage layer (DataError when missing)."""
-    for item in src:
-        url = item["url"]
-        yield {"url": url, "stream": storage.open_read(url)}
+@dataclass(frozen=True)
+class StreamSpec:
+    """What one rank streams this epoch (picklable; every worker derives its own part)."""
+
+    urls: tuple[str, ...]  # exact: this rank's shards in epoch order; resampled: all shards
+    sizes: tuple[int, ...]  # manifest sample counts, aligned with urls
+    batch_size: int
+    ext: str
+    num_classes: int
+    transform: TransformSpec
+    shuffle_buffer: int  # samples in the per-worker shuffle buffer (train only; <= 1: off)
+    seed: int
+    epoch: int
+    rank: int
+    train: bool = True  # shuffle samples (eval streams keep the written order)
+    resampled: bool = False
+    skip: tuple[int, ...] = ()  # exact resume: samples already consumed per worker
+    round: int = 0  # resampled resume: batches already consumed (reseeds the draw)
+    s3_settings: Any = None  # applied in workers so spawned ones reach the same endpoint
 
 
-def expand_shards(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Tar members of each shard as {fname, data, __url__}, then an end-of-shard marker {}."""
-    for item in src:
-        url, stream = item["url"], item["stream"]
-        try:
-            for member in tar_file_iterator(stream):
-                member["__url__"] = url
-                yield member
-        except DataError:
-            raise
-        except Exception as exn:
-            detail = str(exn).split(" @ ")[0] or type(exn).__name__
-            raise DataError(
-                f"{url}: unreadable shard ({detail}); check the file is a complete tar archive "
-                "or rebuild the shards"
-            ) from None
-        finally:
-            stream.close()
-        # Keeps group_by_keys from merging the last sample of one shard with the next.
-        yield {}
+def _resampled_shards(spec: StreamSpec, rng: random.Random) -> Iterator[tuple[str, int]]:
+    while True:
+        index = rng.randrange(len(spec.urls))
+        yield spec.urls[index], spec.sizes[index]
 
 
-def decode_samples(
-    src: Iterable[dict[str, Any]], transform: ImageTransform, ext: str, num_classes: int
-) -> Iterator[tuple[torch.Tensor, int, str]]:
-    """Grouped tar samples -> (image tensor, label, key)."""
-    for sample in src:
-        key, url = sample.get("__key__"), sample.get("__url__")
-        where = f"sample {key!r} in {url}"
-        if ext not in sample or "cls" not in sample:
-            present = sorted(k for k in sample if not k.startswith("__"))
-            raise DataError(
-                f"{where}: expected entries '{ext}' and 'cls', found {present}; "
-                "the shard does not match its manifest, rebuild the shards"
-            )
-        try:
-            label = int(sample["cls"])
-        except ValueError:
-            raise DataError(f"{where}: label {sample['cls']!r} is not an integer; rebuild the shards") from None
-        if not 0 <= label < num_classes:
-            raise DataError(f"{where}: label {label} outside 0..{num_classes - 1}; rebuild the shards")
-        yield transform(sample[ext], where), label, str(key)
+class RankStream(IterableDataset["WorkerBatch | Skipped | WorkerFailure"]):
+    """One rank's stream for one epoch, split among DataLoader workers; yields worker batches.
 
-
-def collate(samples: list[tuple[torch.Tensor, int, str]]) -> Batch:
-    """(image, label, key) list -> (images [B, C, H, W], labels [B] int64, keys)."""
-    images = torch.stack([s[0] for s in samples])
-    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
-    return images, labels, [s[2] for s in samples]
-
-
-class RankStream(IterableDataset["Batch | WorkerFailure"]):
-    """One rank's shards for one epoch, split among DataLoader workers; yields worker batches.
-
-    Workers yield full batches plus at most one partial batch at their end; the main process
-    merges partials (see rebatch.py). Shuffle and augmentation are seeded by (seed, epoch, rank,
-    worker), so a run is reproducible for a fixed worker count.
+    In exact mode workers yield full batches plus at most one partial batch at their end; the
+    main process merges partials (see rebatch.py). ``Skipped`` reports come along the batches.
     """
 
-    def __init__(
-        self,
-        urls: list[str],
-        batch_size: int,
-        ext: str,
-        channels: int,
-        num_classes: int,
-        image_size: int,
-        train: bool,
-        augment: bool,
-        max_shift: int | None,
-        shuffle_buffer: int,
-        seed: int,
-        epoch: int,
-        rank: int,
-    ) -> None:
+    def __init__(self, spec: StreamSpec) -> None:
         super().__init__()
-        self.urls = urls
-        self.batch_size = batch_size
-        self.ext = ext
-        self.channels = channels
-        self.num_classes = num_classes
-        self.image_size = image_size
-        self.train = train
-        self.augment = augment
-        self.max_shift = max_shift
-        self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
-        self.epoch = epoch
-        self.rank = rank
+        self.spec = spec
 
-    def _stages(self, worker: int, num_workers: int) -> list[Any]:
-        ids = (self.seed, self.epoch, self.rank, worker)
-        transform = ImageTransform(
-            self.channels,
-            self.image_size,
-            augment=self.train and self.augment,
-            max_shift=self.max_shift,
-            generator=torch.Generator().manual_seed(derive_seed("augment", *ids)),
-        )
-        stages: list[Any] = [
-            wds.SimpleShardList(self.urls[worker::num_workers]),
-            open_shards,
-            expand_shards,
-            group_by_keys,
-        ]
-        if self.train and self.shuffle_buffer > 1:
-            rng = random.Random(derive_seed("samples", *ids))
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
-        stages.append(
-            functools.partial(
-                decode_samples, transform=transform, ext=self.ext, num_classes=self.num_classes
-            )
-        )
-        stages.append(wds.batched(self.batch_size, collation_fn=collate, partial=True))
-        return stages
+    def _stages(self, worker: int, num_workers: int) -> Iterator[WorkerBatch | Skipped]:
+        spec = self.spec
+        ids = (spec.seed, spec.epoch, spec.rank, worker)
+        if spec.resampled:
+            ids = (*ids, "round", spec.round)
+            shards: Any = _resampled_shards(spec, random.Random(derive_seed("resample", *ids)))
+        else:
+            shards = list(zip(spec.urls, spec.sizes))[worker::num_workers]
+        stream: Any = read_shards(shards)
+        if spec.train and spec.shuffle_buffer > 1:
+            stream = shuffled(stream, spec.shuffle_buffer, random.Random(derive_seed("samples", *ids)))
+        skip = spec.skip[worker] if worker < len(spec.skip) else 0
+        transform = spec.transform.build(derive_seed("augment", *ids))
+        stream = decoded(numbered(stream, skip), transform, spec.ext, spec.num_classes)
+        return batched(stream, spec.batch_size, worker)
 
-    def __iter__(self) -> Iterator[Batch | WorkerFailure]:
+    def __iter__(self) -> Iterator[WorkerBatch | Skipped | WorkerFailure]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.spec.s3_settings is not None and info is not None:
+            from asnn_dist.data import s3
+
+            s3.configure(self.spec.s3_settings)
         try:
-            yield from wds.DataPipeline(*self._stages(worker, num_workers))
+            yield from self._stages(worker, num_workers)
         except DataError as exn:
-            yield WorkerFailure(str(exn))
+            yield WorkerFailure(str(exn), isinstance(exn, UnreachableError))

@@ -9,26 +9,32 @@ can mask them and evaluation counts every real sample exactly once.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from asnn_dist.data.errors import DataError
 
-Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
-OutBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]
+# (images, labels, keys, *extra per-row tensors such as worker id and stream position)
+Batch = Sequence[object]
+OutBatch = tuple  # (images, labels, valid, keys, *extra)
+
+
+def _rows(batch: Batch) -> int:
+    return len(batch[1])  # type: ignore[arg-type]
 
 
 def _concat(parts: list[Batch]) -> Batch:
-    images = torch.cat([p[0] for p in parts])
-    labels = torch.cat([p[1] for p in parts])
-    keys = [k for p in parts for k in p[2]]
-    return images, labels, keys
+    columns: list[object] = []
+    for i in range(len(parts[0])):
+        col: list = [p[i] for p in parts]
+        columns.append([k for c in col for k in c] if isinstance(col[0], list) else torch.cat(col))
+    return tuple(columns)
 
 
 def _take(batch: Batch, index: torch.Tensor) -> Batch:
-    keys = batch[2]
-    return batch[0][index], batch[1][index], [keys[i] for i in index.tolist()]
+    rows = index.tolist()
+    return tuple([c[i] for i in rows] if isinstance(c, list) else c[index] for c in batch)  # type: ignore[index]
 
 
 def rebatch(
@@ -37,11 +43,18 @@ def rebatch(
     num_batches: int,
     expected_samples: int,
     where: str,
+    skipped: Callable[[], int] = lambda: 0,
+    filler: Callable[[], Batch] | None = None,
+    truncate: bool = False,
 ) -> Iterator[OutBatch]:
     """Exactly ``num_batches`` batches of ``batch_size`` rows from workers' batches.
 
-    ``expected_samples`` (from the manifest) is checked against what was read, so shards that
-    changed after their manifest was written are reported instead of silently skewing epochs.
+    ``expected_samples`` (from the manifest) is checked against what was read plus what was
+    ``skipped()`` as corrupt, so shards that changed after their manifest was written are
+    reported instead of silently skewing epochs. ``filler()`` gives a batch to pad with when
+    this pass read nothing (a resumed epoch whose real samples were all consumed already).
+    ``truncate`` stops after ``num_batches`` without the count check (an epoch restarted from
+    its beginning after a layout change only has its remaining batches to give).
     """
     emitted = 0
     seen = 0
@@ -60,10 +73,12 @@ def rebatch(
         last = batch
         valid = torch.zeros(batch_size, dtype=torch.bool)
         valid[:valid_rows] = True
-        return batch[0], batch[1], valid, batch[2]
+        return (batch[0], batch[1], valid, *batch[2:])
 
     for batch in batches:
-        rows = len(batch[1])
+        if truncate and emitted >= num_batches:
+            return
+        rows = _rows(batch)
         seen += rows
         if rows == batch_size:
             yield emit(batch, batch_size)
@@ -76,10 +91,11 @@ def rebatch(
             pending_rows -= batch_size
             pending = [_take(merged, torch.arange(batch_size, batch_size + pending_rows))] if pending_rows else []
 
-    if seen != expected_samples:
+    if not truncate and seen + skipped() != expected_samples:
         raise DataError(
-            f"{where}: read {seen} samples but the manifest lists {expected_samples} for this rank; "
-            "a shard is truncated or changed after the manifest was written, rebuild the shards"
+            f"{where}: read {seen} samples (+{skipped()} skipped as corrupt) but the manifest lists "
+            f"{expected_samples} for this rank; a shard changed after the manifest was written, "
+            "rebuild the shards"
         )
     if pending_rows:
         tail = _concat(pending)
@@ -87,7 +103,9 @@ def rebatch(
         padded = _concat([tail, _take(tail, fill)])
         yield emit(padded, pending_rows)
     while emitted < num_batches:
+        if last is None and filler is not None:
+            last = filler()
         if last is None:
             raise DataError(f"{where}: no samples to read for this rank; rebuild with more shards")
         source = last
-        yield emit(_take(source, torch.arange(batch_size) % len(source[1])), 0)
+        yield emit(_take(source, torch.arange(batch_size) % _rows(source)), 0)

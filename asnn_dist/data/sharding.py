@@ -42,7 +42,8 @@ def check_enough_shards(num_shards: int, world_size: int, num_workers: int, wher
         raise DataError(
             f"{where}: {num_shards} shards are too few for {world_size} rank(s) x "
             f"{max(1, num_workers)} loader worker(s); at least {readers} shards are needed. "
-            "Rebuild the shards with a smaller samples_per_shard, or use fewer workers/ranks"
+            "Rebuild the shards with a smaller samples_per_shard, use fewer workers/ranks, "
+            "or use mode='resampled'"
         )
 
 
@@ -67,3 +68,10 @@ def batches_per_rank(
 ) -> int:
     """Batches every rank yields per epoch (the largest rank's samples, rounded up)."""
     return math.ceil(max_rank_samples(sizes, world_size, epoch, seed, shuffle) / batch_size)
+
+
+def resampled_batches(epoch_length: int, world_size: int, batch_size: int) -> int:
+    """Batches every rank yields per resampled epoch: ``epoch_length`` samples over all ranks."""
+    if epoch_length < 1:
+        raise DataError(f"epoch_length must be >= 1 sample, got {epoch_length}")
+    return math.ceil(epoch_length / (world_size * batch_size))

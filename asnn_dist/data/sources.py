@@ -2,23 +2,22 @@
 
 Why digits: scikit-learn ships the 1,797 real 8x8 UCI handwritten digits, so demos and tests run
 on real images with no download. Images are stored as lossless PNG (the same encoded-bytes path
-ImageNet JPEGs take) and the train/test split is fixed and stratified by ``seed``.
+ImageNet JPEGs take) and the train/test split is fixed and stratified by ``seed``. Shards are
+written by the same resumable builder as every other source (``build.py``).
 """
 
 from __future__ import annotations
 
 import io
-import logging
 
 import numpy as np
 from PIL import Image
 
-from asnn_dist.data import storage
+from asnn_dist.data.build import BuildResult, build_split
+from asnn_dist.data.buildplan import Entry, InlineSource
 from asnn_dist.data.errors import DataError
-from asnn_dist.data.manifest import ImageInfo, Manifest, load_manifest, manifest_url, verify_shards
-from asnn_dist.data.writer import Sample, write_shards
-
-log = logging.getLogger(__name__)
+from asnn_dist.data.manifest import ImageInfo, Manifest
+from asnn_dist.data.writer import Sample
 
 DIGITS_CLASSES = [str(d) for d in range(10)]
 DIGITS_IMAGE = ImageInfo(channels=1, height=8, width=8, ext="png")
@@ -57,52 +56,47 @@ def digits_splits(test_fraction: float = 0.2, seed: int = 0) -> dict[str, list[S
     return {"train": samples(train_idx), "test": samples(test_idx)}
 
 
-def _reusable(out_dir: str, split: str, params: dict[str, object]) -> Manifest | None:
-    """The existing manifest of ``split`` if it was built with ``params`` and its shards are intact."""
-    url = manifest_url(out_dir, split)
-    if not storage.exists(url):
-        return None
-    try:
-        manifest = load_manifest(url)
-    except DataError as exn:
-        log.warning("rebuilding %s: %s", split, exn)
-        return None
-    if manifest.params != params:
-        log.info("rebuilding %s: built with %s, asked for %s", split, manifest.params, params)
-        return None
-    problems = verify_shards(manifest)
-    if problems:
-        log.warning("rebuilding %s: %s", split, "; ".join(problems))
-        return None
-    return manifest
-
-
 def build_digits_shards(
-    out_dir: str, samples_per_shard: int = 128, seed: int = 0, progress: bool = True
+    out_dir: str,
+    samples_per_shard: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+    workers: int = 0,
+    shard_bytes: int | None = None,
 ) -> dict[str, Manifest]:
-    """Write digits train/test shards to ``out_dir``, reusing intact ones built with the same settings."""
+    """Write digits train/test shards to ``out_dir`` (local or s3://), keeping intact ones.
+
+    Samples stay in key order inside each split (the split itself is already random), so
+    rebuilding with the same settings gives byte-identical shards.
+    """
+    return {split: r.manifest for split, r in build_digits(
+        out_dir, samples_per_shard, seed, progress, workers, shard_bytes).items()}
+
+
+def build_digits(
+    out_dir: str,
+    samples_per_shard: int | None = 128,
+    seed: int = 0,
+    progress: bool = True,
+    workers: int = 0,
+    shard_bytes: int | None = None,
+) -> dict[str, BuildResult]:
+    """Like ``build_digits_shards``, returning what each split's build wrote, kept and skipped."""
     test_fraction = 0.2
     params: dict[str, object] = {
         "source": "sklearn.datasets.load_digits",
         "seed": seed,
         "test_fraction": test_fraction,
-        "samples_per_shard": samples_per_shard,
     }
-    manifests = {split: _reusable(out_dir, split, params) for split in DIGITS_SPLITS}
-    if all(m is not None for m in manifests.values()):
-        return {split: m for split, m in manifests.items() if m is not None}
+    per_shard = None if shard_bytes is not None else samples_per_shard
     splits = digits_splits(test_fraction=test_fraction, seed=seed)
-    result: dict[str, Manifest] = {}
-    for split in DIGITS_SPLITS:
-        existing = manifests[split]
-        result[split] = existing if existing is not None else write_shards(
-            splits[split],
-            out_dir,
-            split,
-            DIGITS_CLASSES,
-            samples_per_shard,
-            DIGITS_IMAGE,
-            progress=progress,
-            params=params,
+    return {
+        split: build_split(
+            InlineSource(),
+            [Entry(key=s.key, label=s.label, ref=s.data, size=len(s.data)) for s in splits[split]],
+            out_dir, split, DIGITS_CLASSES, DIGITS_IMAGE,
+            samples_per_shard=per_shard, shard_bytes=shard_bytes, workers=workers,
+            shuffle=False, seed=seed, params=params, progress=progress,
         )
-    return result
+        for split in DIGITS_SPLITS
+    }

@@ -1,9 +1,10 @@
 """A tiny storage layer: read, write and probe shards and manifests by URL.
 
-Why: the loader and the writer never touch ``open()`` or ``os.path`` directly, so adding a new
-place to keep shards (``s3://`` through boto3 is next) means registering one backend object in
-``BACKENDS`` -- no caller changes. Plain paths and ``file://`` URLs are served by the local
-backend. Writes are atomic (temporary file + rename), so a reader never sees half a file.
+Why: the loader and the writer never touch ``open()`` or ``os.path`` directly, so a place to keep
+shards is one backend object in ``BACKENDS`` -- no caller changes. Plain paths and ``file://``
+URLs are served by the local backend, ``s3://`` by boto3 (``s3.py``, imported on first use so
+local-only runs never load boto3). Writes are atomic (temporary file + rename locally, upload on
+success for S3), so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -106,9 +107,21 @@ class LocalBackend:
             local_path(url).unlink()
 
 
-# The extension point: scheme -> backend. "" is a plain local path. Register s3 here later,
-# e.g. BACKENDS["s3"] = S3Backend(...).
-BACKENDS: dict[str, StorageBackend] = {"": LocalBackend(), "file": LocalBackend()}
+class _LazyS3:
+    """Forwards to ``asnn_dist.data.s3.BACKEND``, importing boto3 only when an s3:// URL is used."""
+
+    def __getattr__(self, name: str) -> object:
+        from asnn_dist.data import s3
+
+        return getattr(s3.BACKEND, name)
+
+
+# The extension point: scheme -> backend. "" is a plain local path.
+BACKENDS: dict[str, StorageBackend] = {
+    "": LocalBackend(),
+    "file": LocalBackend(),
+    "s3": _LazyS3(),  # type: ignore[dict-item]
+}
 
 
 def backend_for(url: str) -> StorageBackend:

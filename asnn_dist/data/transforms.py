@@ -12,7 +12,7 @@ import io
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from asnn_dist.data.errors import DataError
 
@@ -26,10 +26,9 @@ def decode_image(data: bytes, channels: int, where: str = "image") -> torch.Tens
             array = np.asarray(opened.convert(_PIL_MODE[channels]), dtype=np.uint8)
     except KeyError:
         raise DataError(f"{where}: channels must be 1 or 3, got {channels}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exn:
-        raise DataError(
-            f"{where}: cannot decode image ({exn}); the sample is corrupt, rebuild its shard"
-        ) from None
+    except Exception as exn:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
+        detail = " ".join(str(exn).split()) or type(exn).__name__
+        raise DataError(f"{where}: cannot decode image ({detail}); the sample is corrupt") from None
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()

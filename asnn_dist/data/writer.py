@@ -9,16 +9,17 @@ last so its presence means every shard is complete.
 from __future__ import annotations
 
 import hashlib
-import math
+import io
 import re
+import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
-import webdataset as wds
 from tqdm import tqdm
 
 import asnn_dist
 from asnn_dist.data import storage
+from asnn_dist.data.buildplan import balanced_sizes
 from asnn_dist.data.errors import DataError
 from asnn_dist.data.manifest import (
     ImageInfo,
@@ -60,18 +61,51 @@ class _HashingFile:
         self.inner.flush()
 
 
+class TarShardWriter:
+    """Sequential WebDataset tar writer: members ``<key>.<ext>`` in sorted ext order, fixed metadata.
+
+    Why not webdataset's TarWriter: importing webdataset pulls in torch, and shard-writing worker
+    processes should start in a fraction of a second. The member layout is the same.
+    """
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.hashing = _HashingFile(out)
+        self.tar = tarfile.open(fileobj=self.hashing, mode="w|")  # type: ignore[call-overload]
+        self.count = 0
+
+    def write(self, key: str, entries: dict[str, bytes]) -> None:
+        """Add one sample: ``entries`` maps extension (``jpg``, ``cls``) to bytes."""
+        for ext in sorted(entries):
+            data = entries[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o444
+            info.uname = info.gname = "bigdata"
+            self.tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def close(self) -> tuple[str, int]:
+        """Finish the archive; returns (hex sha256, byte count) of everything written."""
+        self.tar.close()
+        return self.hashing.digest.hexdigest(), self.hashing.num_bytes
+
+    def abort(self) -> None:
+        """Drop the unfinished archive (its file is discarded by the caller's open_write)."""
+        self.tar.closed = True
+        self.tar.fileobj.closed = True  # else tarfile's __del__ flushes into the discarded file
+
+    def __enter__(self) -> TarShardWriter:
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if kind is not None and not self.tar.closed:
+            self.abort()
+
+
 def shard_name(split: str, index: int) -> str:
     """File name of shard ``index`` of ``split``: ``<split>-000000.tar``."""
     return f"{split}-{index:06d}.tar"
-
-
-def balanced_sizes(total: int, samples_per_shard: int) -> list[int]:
-    """Shard sizes for ``total`` samples: at most ``samples_per_shard`` each, differing by <= 1."""
-    if total < 1:
-        raise DataError("cannot write shards for 0 samples; check the source dataset")
-    count = math.ceil(total / samples_per_shard)
-    base, extra = divmod(total, count)
-    return [base + 1 if i < extra else base for i in range(count)]
 
 
 def _check_sample(sample: Sample, image: ImageInfo, num_classes: int, split: str) -> None:
@@ -97,26 +131,19 @@ def _write_one_shard(
     split: str, bar: tqdm,
 ) -> tuple[int, str, int]:
     """Write up to ``count`` samples to ``url``; returns (samples written, sha256, bytes)."""
-    written = 0
     seen: set[str] = set()
-    with storage.open_write(url) as raw:
-        out = _HashingFile(raw)
-        with wds.TarWriter(out, encoder=False, mtime=0.0) as tar:
-            for sample in samples:
-                _check_sample(sample, image, num_classes, split)
-                if sample.key in seen:
-                    raise DataError(f"duplicate sample key {sample.key!r} in {url}; keys must be unique")
-                seen.add(sample.key)
-                tar.write({
-                    "__key__": sample.key,
-                    image.ext: sample.data,
-                    "cls": str(sample.label).encode("ascii"),
-                })
-                written += 1
-                bar.update(1)
-                if written == count:
-                    break
-    return written, out.digest.hexdigest(), out.num_bytes
+    with storage.open_write(url) as raw, TarShardWriter(raw) as tar:
+        for sample in samples:
+            _check_sample(sample, image, num_classes, split)
+            if sample.key in seen:
+                raise DataError(f"duplicate sample key {sample.key!r} in {url}; keys must be unique")
+            seen.add(sample.key)
+            tar.write(sample.key, {image.ext: sample.data, "cls": str(sample.label).encode("ascii")})
+            bar.update(1)
+            if tar.count == count:
+                break
+        digest, num_bytes = tar.close()
+    return tar.count, digest, num_bytes
 
 
 def write_shards(

@@ -39,8 +39,11 @@ def default_run_name(cfg: ExperimentConfig) -> str:
 
 def prepare_data(cfg: ExperimentConfig) -> None:
     """Build the bundled dataset's shards when asked for and check that the manifests exist."""
+    from asnn_dist.data import s3
     from asnn_dist.data.manifest import load_manifest
+    from asnn_dist.train.storage import s3_endpoint
 
+    s3.configure(endpoint_url=s3_endpoint(cfg.s3.endpoint_url))
     if cfg.data.source == "digits":
         from asnn_dist.data.sources import build_digits_shards
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -60,8 +61,10 @@ def _make_loaders(cfg: ExperimentConfig, rank: int, world: int):
     from asnn_dist.data.manifest import load_manifest
 
     root = cfg.data.root
+    from asnn_dist.data import s3
     from asnn_dist.train.storage import s3_endpoint
 
+    s3.configure(endpoint_url=s3_endpoint(cfg.s3.endpoint_url))  # before the first manifest read
     common = dict(rank=rank, world_size=world, num_workers=cfg.data.num_workers, image_size=cfg.data.image_size,
                   seed=cfg.seed, recipe=cfg.data.recipe, s3_endpoint_url=s3_endpoint(cfg.s3.endpoint_url))
     train_manifest = load_manifest(f"{root}/{cfg.data.train_split}.manifest.json")
@@ -162,11 +165,20 @@ class Trainer:
     # ---- training -----------------------------------------------------------------------
     def train_micro_batch(self, batch) -> float:
         images, labels, valid = batch[:3]
-        o = self.cfg.optim
+        o, d = self.cfg.optim, self.cfg.data
         lr = lr_at(self.state.global_step, self.total_steps, o.lr, o.warmup_steps, o.min_lr, o.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = masked_loss(self.engine(images), labels, valid, o.label_smoothing)
+        if d.mixup_alpha > 0 or d.cutmix_alpha > 0:
+            from asnn_dist.data.mixing import mix_batch, soft_target_cross_entropy
+
+            # Seeded by (seed, rank, position): a resumed run draws the same mixes.
+            rng = random.Random(hash((self.cfg.seed, self.rank, self.state.epoch, self.state.micro_in_epoch)))
+            images, targets = mix_batch(images, labels, d.num_classes, d.mixup_alpha, d.cutmix_alpha,
+                                        label_smoothing=o.label_smoothing, rng=rng)
+            loss = soft_target_cross_entropy(self.engine(images).float(), targets, valid)
+        else:
+            loss = masked_loss(self.engine(images), labels, valid, o.label_smoothing)
         self.engine.backward(loss)
         self.engine.step()
         return float(loss.detach())

@@ -112,7 +112,11 @@ def test_missing_shard_error_names_url_through_workers(
     assert "Traceback" not in str(exc.value)
 
 
-def test_truncated_shard_error_names_url(manifests: dict[str, Manifest], tmp_path: Path) -> None:
+def test_truncated_shard_is_skipped_and_counted_garbage_shard_errors(
+    manifests: dict[str, Manifest], tmp_path: Path
+) -> None:
+    # Deliberate change (issue 5): a cut-off shard keeps its readable samples, and the samples it
+    # lost are skipped and counted; a shard unreadable from its first byte is still an error.
     source = Path(manifests["test"].base_url)
     for name in ("test.manifest.json", *(s.name for s in manifests["test"].shards)):
         shutil.copy(source / name, tmp_path / name)
@@ -120,6 +124,11 @@ def test_truncated_shard_error_names_url(manifests: dict[str, Manifest], tmp_pat
     broken.chmod(0o644)
     broken.write_bytes(broken.read_bytes()[:5000])
     manifest = load_manifest(str(tmp_path / "test.manifest.json"))
+    loader = ShardLoader(manifest, batch_size=16, num_workers=2, train=False)
+    valid = sum(int(v.sum()) for _, _, v in loader)
+    assert loader.skipped_samples > 0 and valid + loader.skipped_samples == 360
+    assert str(broken) in loader.skipped_reasons[0] and "truncated" in loader.skipped_reasons[0]
+    broken.write_bytes(b"\x00garbage" * 100)
     with pytest.raises(DataError, match=str(broken)):
         list(ShardLoader(manifest, batch_size=16, num_workers=2, train=False))
 
