@@ -32,7 +32,8 @@ def test_real_config_runs_scaled_down(path, tmp_path, digits_shards, ray_local):
     from asnn_dist.train.launcher import run_training
 
     cfg = load_config(REPO / "configs" / path, [
-        f"workdir={tmp_path}", f"data.root={digits_shards}", "data.in_channels=1", "data.num_classes=10",
+        f"workdir={tmp_path}", f"data.root={digits_shards}", "data.val_split=test", "data.in_channels=1",
+        "data.num_classes=10",
         "data.image_size=16", "data.num_workers=0", "data.mode=resampled", "data.epoch_length=128",
         f"model.name={REAL[path]}", "optim.micro_batch_size=16", "optim.epochs=1", "optim.warmup_steps=1",
         "run.num_workers=2", "run.use_gpu=false", "run.cpus_per_worker=1", "run.threads_per_worker=1",
