@@ -1,9 +1,10 @@
-"""Building blocks shared by the model families: time-distributed layers, neuron factories,
-and the encoder -> stem routing of hybrid coding.
+"""Building blocks shared by the model families: time-distributed layers, per-step BatchNorm,
+neuron factories, the encoder -> stem routing of hybrid coding, and the classifier base.
 
-Layout is [T, B, ...] everywhere. Stateless layers (conv, linear, BN, pooling) run once over the
-flattened [T*B, ...] batch, so BatchNorm statistics are taken over all steps and samples together
-(the Spikformer convention).
+Layout is [T, B, ...] everywhere (inside a checkpointed window, [tau, B, ...] for the window's
+steps). Stateless layers (conv, linear, pooling) run once over the flattened [T*B, ...] batch.
+Conv maps [T, B, C, H, W] are stored channels-last from the stem on (``channels_last_seq``).
+BatchNorm takes its statistics per time step (``StepBatchNorm``; why in ``temporal.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from asnn_dist.models.lean import SpikeConv2d, packing
+from asnn_dist.models.step_neurons import windowed_class
+from asnn_dist.models.step_norm import StepBatchNorm
+from asnn_dist.models.temporal import cat_steps, channels_last_seq, shifted, step_offset
+from asnn_dist.models.time_checkpoint import run_time_segments
 from asnn_dist.snn import PerStepReadout, build_encoder
 
 NeuronFactory = Callable[..., nn.Module]
@@ -22,21 +28,33 @@ NeuronFactory = Callable[..., nn.Module]
 DEFAULT_ENCODING: dict[str, Any] = {"num_steps": 4, "direct_steps": 1, "scheme": "threshold", "levels": "uniform"}
 
 
-class TimeDistributed(nn.Module):
-    """Apply a stateless module to every step by folding time into the batch."""
+class TimeDistributed(nn.Sequential):
+    """Apply stateless modules to every step by folding time into the batch.
 
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
+    A Sequential so that spike statistics see the conv/linear that reads a neuron's spikes.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t, b = x.shape[:2]
-        y = self.module(x.flatten(0, 1))
+        y = super().forward(x.flatten(0, 1))
+        if y.dim() == 4:  # maps leave channels-last (a 1-channel input can make conv pick NCHW)
+            y = y.contiguous(memory_format=torch.channels_last)
         return y.unflatten(0, (t, b))
 
 
 def seq(*modules: nn.Module) -> TimeDistributed:
-    return TimeDistributed(nn.Sequential(*modules))
+    return TimeDistributed(*modules)
+
+
+def conv_bn(
+    c_in: int, c_out: int, num_steps: int, kernel: int = 3, stride: int = 1, spike_input: bool = True,
+) -> nn.Sequential:
+    """conv (no bias: BN follows) -> per-step BN, on [T, B, C, H, W].
+
+    ``spike_input``: the input holds spikes or spike counts (kept as uint8 for backward)."""
+    conv_cls = SpikeConv2d if spike_input else nn.Conv2d
+    conv = conv_cls(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False)
+    return nn.Sequential(seq(conv), StepBatchNorm(c_out, num_steps))
 
 
 def neuron_factory(num_steps: int, neuron: Optional[dict[str, Any]] = None) -> NeuronFactory:
@@ -45,29 +63,38 @@ def neuron_factory(num_steps: int, neuron: Optional[dict[str, Any]] = None) -> N
 
     opts = dict(neuron or {})
     kind = opts.pop("kind", "adaptive_lif")
-    cls = NEURONS.get(kind)
+    cls = windowed_class(NEURONS.get(kind))
     return functools.partial(cls, num_steps=num_steps, **opts)
 
 
 class HybridStem(nn.Module):
     """First layer routed by the encoding: direct (analog) steps and spike steps get their own
-    conv+BN (asnn-method.md section 4); everything after the stem is shared."""
+    layer (conv+BN, asnn-method.md section 4); everything after the stem is shared.
+
+    ``make_layer`` builds a module on [tau, B, ...]. Routing uses absolute step indices, so a
+    checkpointed window that starts at t0 sends only its steps below ``direct_steps`` to the
+    direct layer.
+    """
 
     def __init__(self, make_layer: Callable[[], nn.Module], direct_steps: int, num_steps: int) -> None:
         super().__init__()
         self.direct_steps = direct_steps
         self.num_steps = num_steps
-        self.direct = seq(make_layer()) if direct_steps > 0 else None
-        self.spike = seq(make_layer()) if direct_steps < num_steps else None
+        self.direct = make_layer() if direct_steps > 0 else None
+        self.spike = make_layer() if direct_steps < num_steps else None
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        k = self.direct_steps
+        if x_seq.dim() == 5:
+            x_seq = channels_last_seq(x_seq)  # conv maps stay channels-last from here on
+        steps = x_seq.shape[0]
+        k = min(max(self.direct_steps - step_offset(), 0), steps)
         parts = []
-        if self.direct is not None:
+        if k > 0:
             parts.append(self.direct(x_seq[:k]))
-        if self.spike is not None:
-            parts.append(self.spike(x_seq[k:]))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if k < steps:
+            with shifted(k):
+                parts.append(self.spike(x_seq[k:]))
+        return cat_steps(parts)
 
 
 class SpikingClassifier(nn.Module, abc.ABC):
@@ -75,23 +102,36 @@ class SpikingClassifier(nn.Module, abc.ABC):
 
     ``forward`` maps images [B, C, H, W] in [0, 1] to logits [B, K], so a registered model is
     self-contained (the encoder is part of it); ``forward_steps`` returns [T, B, K] for anytime
-    accuracy.
+    accuracy. ``time_segment`` k > 0 checkpoints the body every k steps while gradients are
+    recorded (same values and gradients, less memory); ``pack_spikes`` keeps spike tensors
+    saved for backward as uint8 (lossless, ``lean.py``).
     """
 
-    def __init__(self, encoding: Optional[dict[str, Any]], learnable_readout: bool = True) -> None:
+    def __init__(
+        self, encoding: Optional[dict[str, Any]], learnable_readout: bool = True,
+        time_segment: int = 0, pack_spikes: bool = True,
+    ) -> None:
         super().__init__()
+        if isinstance(time_segment, bool) or not isinstance(time_segment, int) or time_segment < 0:
+            raise ValueError(f"time_segment must be an integer >= 0 (0 = off), got {time_segment!r}")
         enc = {**DEFAULT_ENCODING, **(encoding or {})}
         self.encoder = build_encoder(**enc)
         self.num_steps = self.encoder.num_steps
         self.direct_steps = self.encoder.direct_steps
         self.readout = PerStepReadout(self.num_steps, learnable=learnable_readout)
+        self.time_segment = time_segment
+        self.pack_spikes = bool(pack_spikes)
 
     @abc.abstractmethod
     def forward_body(self, x_seq: torch.Tensor) -> torch.Tensor:
-        """[T, B, C, H, W] -> per-step logits [T, B, K]; each family implements it."""
+        """[tau, B, C, H, W] -> per-step logits [tau, B, K]; each family implements it."""
 
     def forward_steps(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_body(self.encoder(images))
+        x_seq = self.encoder(images)
+        if self.time_segment > 0 and torch.is_grad_enabled():
+            return run_time_segments(self.forward_body, x_seq, self.time_segment, self, self.pack_spikes)
+        with packing(self.pack_spikes):
+            return self.forward_body(x_seq)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.readout(self.forward_steps(images))

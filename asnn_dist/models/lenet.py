@@ -10,12 +10,10 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from asnn_dist.models.common import HybridStem, SpikingClassifier, neuron_factory, seq
+from asnn_dist.models.common import HybridStem, SpikingClassifier, conv_bn, neuron_factory, seq
+from asnn_dist.models.lean import SpikeLinear, SpikeMaxPool2d
+from asnn_dist.models.step_norm import StepBatchNorm
 from asnn_dist.registry import MODELS
-
-
-def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out))
 
 
 class LeNetASNN(SpikingClassifier):
@@ -29,20 +27,26 @@ class LeNetASNN(SpikingClassifier):
         encoding: Optional[dict[str, Any]] = None,
         neuron: Optional[dict[str, Any]] = None,
         learnable_readout: bool = True,
+        time_segment: int = 0,
+        pack_spikes: bool = True,
     ) -> None:
-        super().__init__(encoding, learnable_readout)
+        super().__init__(encoding, learnable_readout, time_segment, pack_spikes)
         if image_size % 8:
             raise ValueError(f"image_size must be a multiple of 8 (three 2x2 pools), got {image_size}")
-        make_neuron = neuron_factory(self.num_steps, neuron)
-        self.stem = HybridStem(lambda: _conv_bn(in_channels, widths[0]), self.direct_steps, self.num_steps)
-        layers: list[nn.Module] = [make_neuron(), seq(nn.MaxPool2d(2))]
+        T = self.num_steps
+        make_neuron = neuron_factory(T, neuron)
+        self.stem = HybridStem(
+            lambda: conv_bn(in_channels, widths[0], T, spike_input=False), self.direct_steps, T
+        )
+        layers: list[nn.Module] = [make_neuron(), seq(SpikeMaxPool2d(2))]
         for c_in, c_out in zip(widths[:-1], widths[1:]):
-            layers += [seq(_conv_bn(c_in, c_out)), make_neuron(), seq(nn.MaxPool2d(2))]
+            layers += [conv_bn(c_in, c_out, T), make_neuron(), seq(SpikeMaxPool2d(2))]
         side = image_size // 8
         layers += [
-            seq(nn.Flatten(), nn.Linear(widths[-1] * side * side, hidden, bias=False), nn.BatchNorm1d(hidden)),
+            seq(nn.Flatten(), SpikeLinear(widths[-1] * side * side, hidden, bias=False)),
+            StepBatchNorm(hidden, T),
             make_neuron(),
-            seq(nn.Linear(hidden, num_classes)),
+            seq(SpikeLinear(hidden, num_classes)),
         ]
         self.body = nn.Sequential(*layers)
 

@@ -1,0 +1,162 @@
+"""The measurements of ``bench model`` that run in a fresh process each (one JSON line out).
+
+Why a fresh process per measurement: peak memory is the process high-water mark (VmHWM),
+which only a new process reports for one configuration alone; and one configuration's
+allocator state or thread pools cannot slow down the next.
+
+Kinds (``spec["kind"]``):
+- ``train``: synthetic batch, AdamW, ``warmup`` steps then ``iters`` timed steps (forward,
+  cross-entropy, backward, optimizer step); images/s from the fastest step (on a shared
+  machine the least disturbed one; every step time is returned too).
+- ``infer``: eval mode under ``torch.inference_mode``, same timing rule.
+- ``peak``: dense square matmul FLOP/s (fp32 and bf16), the best of several repeats.
+- ``accuracy``: a short real-data run (scikit-learn digits, LeNet ASNN, hybrid coding)
+  trained in fp32 and in bf16 autocast from the same initialisation; test accuracy of each.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from asnn_dist.registry import create_model
+
+
+def peak_rss_mib() -> float:
+    """High-water mark of this process's resident memory (VmHWM), in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _autocast(precision: str):
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _model(spec: dict[str, Any]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model(
+        spec["model"], image_size=spec["image_size"], num_classes=spec["num_classes"],
+        encoding=dict(num_steps=spec["steps"], direct_steps=1, scheme="threshold"),
+        time_segment=spec.get("segment", 0),
+    )
+
+
+def _batch(spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    size, b = spec["image_size"], spec["batch"]
+    return torch.rand(b, 3, size, size, generator=g), torch.randint(0, spec["num_classes"], (b,), generator=g)
+
+
+def _time(step, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_train(spec: dict[str, Any]) -> dict[str, Any]:
+    model = _model(spec).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = _batch(spec)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with _autocast(spec["precision"]):
+            logits = model(x)
+        F.cross_entropy(logits.float(), y).backward()
+        opt.step()
+
+    return _result(_time(step, spec["warmup"], spec["iters"]))
+
+
+def _result(times: list[float]) -> dict[str, Any]:
+    return {"step_s": min(times), "median_s": statistics.median(times), "times": times, "peak_mib": peak_rss_mib()}
+
+
+def run_infer(spec: dict[str, Any]) -> dict[str, Any]:
+    model = _model(spec).eval()
+    x, _ = _batch(spec)
+
+    def step() -> None:
+        with torch.inference_mode(), _autocast(spec["precision"]):
+            model(x)
+
+    return _result(_time(step, spec["warmup"], spec["iters"]))
+
+
+def run_peak(spec: dict[str, Any]) -> dict[str, Any]:
+    n, out = spec.get("size", 2048), {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        times = _time(lambda: torch.mm(a, b), 2, spec.get("repeats", 8))
+        out[f"{name}_gflops"] = 2 * n**3 / min(times) / 1e9
+    return out
+
+
+def _digits(size: int = 16) -> tuple[torch.Tensor, ...]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    y = torch.tensor(d.target, dtype=torch.long)
+    tr, te = train_test_split(range(len(y)), test_size=0.2, stratify=d.target, random_state=0)
+    return x[tr], y[tr], x[te], y[te]
+
+
+def run_accuracy(spec: dict[str, Any]) -> dict[str, Any]:
+    xtr, ytr, xte, yte = _digits()
+    out: dict[str, Any] = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = create_model("lenet_asnn", in_channels=1, image_size=16, num_classes=10,
+                             encoding=dict(num_steps=4, direct_steps=1, scheme="threshold"))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        for _ in range(spec["epochs"]):
+            model.train()
+            for idx in torch.randperm(len(ytr), generator=g).split(64):
+                opt.zero_grad(set_to_none=True)
+                with _autocast(precision):
+                    logits = model(xtr[idx])
+                F.cross_entropy(logits.float(), ytr[idx]).backward()
+                opt.step()
+        model.eval()
+        with torch.inference_mode(), _autocast(precision):
+            acc = (model(xte).argmax(1) == yte).float().mean().item()
+        out[f"{precision}_acc"] = acc
+        out[f"{precision}_s"] = time.perf_counter() - t0
+    return out
+
+
+RUNS = {"train": run_train, "infer": run_infer, "peak": run_peak, "accuracy": run_accuracy}
+
+
+def child_main(spec_json: str) -> int:
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    result = RUNS[spec["kind"]](spec)
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0

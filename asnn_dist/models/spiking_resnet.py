@@ -1,0 +1,116 @@
+"""Spiking ResNet and SEW-ResNet (Fang et al., NeurIPS 2021), ResNet-18/34 topology, in ASNN form.
+
+Both follow SpikingJelly's model zoo (basic blocks of two 3x3 conv-BN, 1x1 conv-BN
+downsampling):
+- Spiking ResNet: out = spike(BN(conv2(spike(BN(conv1(x))))) + shortcut(x)) - the neuron
+  after the residual sum.
+- SEW-ResNet (ADD): out = spike(BN(conv2(...))) + shortcut(x), where a downsampling shortcut
+  is conv-BN-spike; the block output is a spike count (small integer), not a spike.
+Stems: ImageNet (7x7/2 conv-BN-spike, 3x3/2 max-pool) or CIFAR (3x3/1 conv-BN-spike); the
+conv+BN is the hybrid stem (direct steps get their own). Head: global average pool and a
+linear layer at every step, then the per-step readout. BN statistics are per time step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from torch import Tensor, nn
+
+from asnn_dist.models.common import HybridStem, NeuronFactory, SpikingClassifier, conv_bn, neuron_factory, seq
+from asnn_dist.models.lean import SpikeMaxPool2d
+from asnn_dist.registry import MODELS
+
+STEMS = ("imagenet", "cifar")
+
+
+class BasicBlock(nn.Module):
+    def __init__(
+        self, c_in: int, c_out: int, stride: int, sew: bool, make_neuron: NeuronFactory, num_steps: int
+    ) -> None:
+        super().__init__()
+        self.sew = sew
+        self.conv1, self.sn1 = conv_bn(c_in, c_out, num_steps, stride=stride), make_neuron()
+        self.conv2, self.sn2 = conv_bn(c_out, c_out, num_steps), make_neuron()
+        self.downsample: Optional[nn.Module] = None
+        if stride != 1 or c_in != c_out:
+            layers = [conv_bn(c_in, c_out, num_steps, kernel=1, stride=stride)]
+            if sew:
+                layers.append(make_neuron())
+            self.downsample = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv2(self.sn1(self.conv1(x)))
+        identity = x if self.downsample is None else self.downsample(x)
+        if self.sew:
+            return self.sn2(out) + identity
+        return self.sn2(out + identity)
+
+
+class SpikingResNet(SpikingClassifier):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        image_size: int = 224,
+        layers: Sequence[int] = (2, 2, 2, 2),
+        widths: Sequence[int] = (64, 128, 256, 512),
+        sew: bool = True,
+        stem: str = "imagenet",
+        encoding: Optional[dict[str, Any]] = None,
+        neuron: Optional[dict[str, Any]] = None,
+        learnable_readout: bool = True,
+        time_segment: int = 0,
+        pack_spikes: bool = True,
+    ) -> None:
+        super().__init__(encoding, learnable_readout, time_segment, pack_spikes)
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {list(STEMS)}, got {stem!r}")
+        if len(layers) != len(widths) or not layers:
+            raise ValueError(f"layers {list(layers)} and widths {list(widths)} need the same non-zero length")
+        minimum = (4 if stem == "imagenet" else 1) * 2 ** (len(widths) - 1)
+        if image_size < minimum:
+            raise ValueError(f"image_size must be >= {minimum} for this stem and depth, got {image_size}")
+        T = self.num_steps
+        make_neuron = neuron_factory(T, neuron)
+        imagenet = stem == "imagenet"
+        self.stem = HybridStem(
+            lambda: conv_bn(in_channels, widths[0], T, kernel=7 if imagenet else 3, stride=2 if imagenet else 1,
+                            spike_input=False),
+            self.direct_steps, T,
+        )
+        body: list[nn.Module] = [make_neuron()]
+        if imagenet:
+            body.append(seq(SpikeMaxPool2d(3, stride=2, padding=1)))
+        c_in = widths[0]
+        for i, (blocks, width) in enumerate(zip(layers, widths)):
+            for j in range(blocks):
+                stride = 2 if i > 0 and j == 0 else 1
+                body.append(BasicBlock(c_in, width, stride, sew, make_neuron, T))
+                c_in = width
+        self.body = nn.Sequential(*body)
+        self.head = seq(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_body(self, x_seq: Tensor) -> Tensor:  # type: ignore[override]
+        return self.head(self.body(self.stem(x_seq)))
+
+
+def _register(name: str, tags: tuple[str, ...] = (), **defaults: Any) -> None:
+    def factory(**kwargs: Any) -> SpikingResNet:
+        return SpikingResNet(**{**defaults, **kwargs})
+
+    factory.__name__ = name
+    factory.__doc__ = f"{name}: defaults {defaults}"
+    MODELS.register(name, tags=tags)(factory)
+
+
+DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+for _sew, _family in ((False, "spiking_resnet"), (True, "sew_resnet")):
+    for _depth, _layers in DEPTHS.items():
+        _register(f"{_family}{_depth}", layers=_layers, sew=_sew, stem="imagenet", image_size=224, num_classes=1000)
+        _register(f"{_family}{_depth}_cifar", layers=_layers, sew=_sew, stem="cifar", image_size=32, num_classes=10)
+    _register(f"{_family}_tiny", tags=("tiny",), layers=(1, 1), widths=(4, 8), sew=_sew, stem="cifar",
+              image_size=16, num_classes=10)

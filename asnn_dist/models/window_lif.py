@@ -1,0 +1,101 @@
+"""Adaptive LIF over a window of steps that starts from a given membrane (hand-written BPTT).
+
+Why: checkpointed time segments start from the membrane carried in from the previous segment
+and hand their last membrane on; the multi-step kernel of ``snn.fused`` starts from rest and
+returns spikes only. Running the step functions under autograd works for any neuron
+(``temporal._WindowSteps``) but costs about three times the fused kernel. This function keeps
+the fused kernel's contract: it saves only the input current x and the entry membrane v0,
+and recomputes the membranes in backward with the forward's exact ops (those of
+``snn.fused``: h = gain x, then h += leak v), so spikes seen by backward equal the forward's.
+
+Recurrence (asnn-method.md section 1; reference ``snn.functional.adaptive_lif_step``):
+    h[t] = leak[t] v[t-1] + gain[t] x[t]   (v[-1] = v0, or no leak term when v0 is None)
+    s[t] = H(h[t] - theta);  v[t] = h[t] - theta s[t] (soft)  or  h[t] (1 - s[t]) (hard)
+Backward with g_v = dL/dv[t] (from step t+1: leak[t+1] g_h[t+1]; after the last step: the
+gradient of the returned membrane) and sg = surrogate'(h[t] - theta):
+    g_s = dL/ds[t] + g_v dv/ds  (dv/ds = -theta soft, -h hard, 0 with detach_reset)
+    g_h = g_v dv/dh + g_s sg    (dv/dh = 1 soft, 1 - s hard)
+    dx[t] = gain[t] g_h,  dgain[t] = <g_h, x[t]>,  dleak[t] = <g_h, v[t-1]>,  dv0 = leak[0] g_h[0].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from asnn_dist.snn.surrogate import Surrogate
+
+
+def _steps(x: Tensor, v0: Optional[Tensor], lk: list[float], gn: list[float], thr: float, hard: bool,
+           keep: bool) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+    """Spikes [tau, ...] and the last membrane; with ``keep`` also every h[t] and v[t]."""
+    spikes = torch.empty_like(x)
+    hs: list[Tensor] = []
+    vs: list[Tensor] = []
+    v = v0
+    for t in range(x.shape[0]):
+        h = torch.mul(x[t], gn[t])
+        if v is not None:
+            h.add_(v, alpha=lk[t])
+        s = torch.ge(h, thr, out=spikes[t])
+        v = torch.lt(h, thr).to(h.dtype).mul_(h) if hard else torch.sub(h, s, alpha=thr)
+        if keep:
+            hs.append(h)
+            vs.append(v)
+    return spikes, v, hs, vs  # type: ignore[return-value]
+
+
+class _WindowAdaptiveLIF(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, v0: Optional[Tensor], leak: Tensor, gain: Tensor, t0: int,
+                threshold: float, surrogate: Surrogate, hard: bool, detach_reset: bool) -> tuple[Tensor, Tensor]:
+        steps = x.shape[0]
+        index = list(range(t0, t0 + steps)) if leak.numel() > 1 else [0] * steps
+        lk = [float(leak.detach().reshape(-1)[i]) for i in index]
+        gn = [float(gain.detach().reshape(-1)[i]) for i in index]
+        x = x.contiguous()
+        spikes, v, _, _ = _steps(x, v0, lk, gn, threshold, hard, keep=False)
+        ctx.save_for_backward(x, v0)
+        # values are read here; backward needs only shapes (parameters are not saved)
+        ctx.consts = (index, lk, gn, threshold, surrogate, hard, detach_reset, leak.shape, gain.shape, leak.dtype)
+        return spikes, v
+
+    @staticmethod
+    def backward(ctx: Any, g_s: Tensor, g_last: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        x, v0 = ctx.saved_tensors
+        index, lk, gn, thr, surrogate, hard, detach, leak_shape, gain_shape, p_dtype = ctx.consts
+        spikes, _, hs, vs = _steps(x, v0, lk, gn, thr, hard, keep=True)
+        steps = x.shape[0]
+        gx = torch.empty_like(x)
+        d_leak = x.new_zeros(leak_shape).reshape(-1)
+        d_gain = x.new_zeros(gain_shape).reshape(-1)
+        g_v = g_last
+        for t in reversed(range(steps)):
+            h, s = hs[t], spikes[t]
+            sg = surrogate.grad(h - thr)
+            g_st = g_s[t]
+            if g_v is not None and not detach:
+                g_st = g_st - g_v * (h if hard else thr)
+            g_h = g_st * sg
+            if g_v is not None:
+                g_h += (g_v * (1.0 - s)) if hard else g_v
+            torch.mul(g_h, gn[t], out=gx[t])
+            d_gain[index[t]] += torch.sum(g_h * x[t])
+            v_prev = vs[t - 1] if t else v0
+            if v_prev is not None:
+                d_leak[index[t]] += torch.sum(g_h * v_prev)
+            g_v = g_h * lk[t]
+        g_v0 = g_v if v0 is not None and ctx.needs_input_grad[1] else None
+        return (gx, g_v0, d_leak.view(leak_shape).to(p_dtype), d_gain.view(gain_shape).to(p_dtype),
+                None, None, None, None, None)
+
+
+def window_adaptive_lif(x: Tensor, v0: Optional[Tensor], leak: Tensor, gain: Tensor, t0: int, threshold: float,
+                        surrogate: Surrogate, reset: str = "soft", detach_reset: bool = False) -> tuple[Tensor, Tensor]:
+    """Steps t0.. of x [tau, B, ...] from membrane v0 (None: rest) -> (spikes, last membrane).
+
+    ``leak``/``gain``: the neuron's parameters, T values (per step) or 1 (shared)."""
+    return _WindowAdaptiveLIF.apply(x, v0, leak, gain, t0, float(threshold), surrogate, reset == "hard",
+                                    bool(detach_reset))
