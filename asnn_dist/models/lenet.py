@@ -10,7 +10,9 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from asnn_dist.models.common import HybridStem, SpikingClassifier, conv_bn, neuron_factory, seq
+from asnn_dist.models.common import (
+    HybridStem, SpikeClassifierHead, SpikingClassifier, conv_bn, neuron_factory, seq,
+)
 from asnn_dist.models.lean import SpikeLinear, SpikeMaxPool2d
 from asnn_dist.models.step_norm import StepBatchNorm
 from asnn_dist.registry import MODELS
@@ -46,7 +48,7 @@ class LeNetASNN(SpikingClassifier):
             seq(nn.Flatten(), SpikeLinear(widths[-1] * side * side, hidden, bias=False)),
             StepBatchNorm(hidden, T),
             make_neuron(),
-            seq(SpikeLinear(hidden, num_classes)),
+            seq(SpikeClassifierHead(hidden, num_classes)),
         ]
         self.body = nn.Sequential(*layers)
 

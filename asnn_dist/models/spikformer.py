@@ -12,7 +12,7 @@ Structure of the official code (ZK-Zhou/spikformer):
 
 Differences, all deliberate: every spiking layer is an adaptive neuron from the ``neuron``
 dict; the first conv+BN is the hybrid stem (direct steps get their own); BN statistics are
-per time step (``temporal.StepBatchNorm``); linears before BN have no bias (a bias followed
+per time step (``step_norm.StepBatchNorm``); linears before BN have no bias (a bias followed
 by BN has an identically zero gradient: the official proj/fc biases are dead parameters), so
 counts are 0.06-0.1% below the papers'. Tokens are laid out [T, B, N, C] so that every 1x1
 conv is one matrix multiply.
@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
-from asnn_dist.models.common import HybridStem, NeuronFactory, SpikingClassifier, conv_bn, neuron_factory, seq
+from asnn_dist.models.common import (
+    ClassifierHead, HybridStem, NeuronFactory, SpikingClassifier, conv_bn, neuron_factory, seq,
+)
 from asnn_dist.models.lean import SpikeLinear, SpikeMaxPool2d, spike_attention
 from asnn_dist.models.step_norm import StepBatchNorm
 from asnn_dist.registry import MODELS
@@ -154,7 +155,7 @@ class Spikformer(SpikingClassifier):
         make_neuron = neuron_factory(T, neuron)
         self.sps = SpikingPatchSplitting(in_channels, dim, pools, make_neuron, T, self.direct_steps)
         self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio, make_neuron, T) for _ in range(depth)))
-        self.head = nn.Linear(dim, num_classes)
+        self.head = ClassifierHead(dim, num_classes)
         self.apply(_init_weights)
 
     def forward_body(self, x_seq: Tensor) -> Tensor:  # type: ignore[override]

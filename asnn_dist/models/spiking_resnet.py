@@ -17,7 +17,9 @@ from typing import Any, Optional, Sequence
 
 from torch import Tensor, nn
 
-from asnn_dist.models.common import HybridStem, NeuronFactory, SpikingClassifier, conv_bn, neuron_factory, seq
+from asnn_dist.models.common import (
+    ClassifierHead, HybridStem, NeuronFactory, SpikingClassifier, conv_bn, neuron_factory, seq,
+)
 from asnn_dist.models.lean import SpikeMaxPool2d
 from asnn_dist.registry import MODELS
 
@@ -89,7 +91,7 @@ class SpikingResNet(SpikingClassifier):
                 body.append(BasicBlock(c_in, width, stride, sew, make_neuron, T))
                 c_in = width
         self.body = nn.Sequential(*body)
-        self.head = seq(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
+        self.head = seq(nn.AdaptiveAvgPool2d(1), nn.Flatten(), ClassifierHead(c_in, num_classes))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

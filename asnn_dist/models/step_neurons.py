@@ -66,12 +66,18 @@ class WindowedNeuron:
         permuted = is_channels_last_seq(x) and not x.is_contiguous()
         if permuted:
             x = x.permute(0, 1, 3, 4, 2)
+        # The membrane integrates over steps: bf16/fp16 inputs (autocast, bf16 engines) are
+        # integrated in fp32; the spikes (exactly 0/1) go back in the input's dtype.
+        dtype = x.dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
         window = current_window()
         if window is None:
             spikes = super().forward(x)  # type: ignore[misc]
         else:
             v0 = window.state.get(self)  # type: ignore[call-overload]
             spikes, window.state[self] = self.window_forward(x, v0, step_offset())  # type: ignore[index]
+        spikes = spikes.to(dtype)
         return spikes.permute(0, 1, 4, 2, 3) if permuted else spikes
 
     def window_forward(self, x: Tensor, v0: Optional[Tensor], t0: int) -> tuple[Tensor, Tensor]:

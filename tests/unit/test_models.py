@@ -136,3 +136,36 @@ def test_unknown_model_error_lists_choices():
 def test_bad_spikformer_arguments_name_the_problem(kwargs, match):
     with pytest.raises(ValueError, match=match):
         create_model("spikformer_tiny", **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS.names(tag="tiny")))
+@pytest.mark.parametrize("segment", [0, 2])
+def test_bf16_autocast_trains_plain_and_checkpointed(name, segment):
+    """bf16 autocast: matmuls and convs in bf16, membranes and the classifier head in fp32,
+    every parameter gets a finite gradient of its own dtype."""
+    torch.manual_seed(0)
+    model = create_model(name, **small_kwargs(name), time_segment=segment)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tiny_batch(name, 4))
+    assert logits.dtype == torch.float32
+    torch.nn.functional.cross_entropy(logits.float(), torch.arange(4)).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all(), pname
+
+
+@pytest.mark.parametrize("name", sorted(MODELS.names(tag="tiny")))
+def test_models_pickle_and_reload_state(name):
+    """MLflow logs models by pickling; checkpoints restore state dicts (per-step BN included)."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = create_model(name, **small_kwargs(name))
+    x = tiny_batch(name, 2)
+    model(x)  # move the running statistics
+    model.eval()
+    clone = pickle.loads(pickle.dumps(model))
+    fresh = create_model(name, **small_kwargs(name))
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(clone(x), model(x)) and torch.equal(fresh(x), model(x))
