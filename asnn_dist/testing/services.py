@@ -14,7 +14,6 @@ import sys
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 from typing import Iterator, Optional
 
 
@@ -117,8 +116,3 @@ def moto_s3_server(timeout_s: float = 60.0) -> Iterator[str]:
     finally:
         _stop(proc)
         log.close()
-
-
-def ensure_dir(path: str) -> str:
-    Path(path).mkdir(parents=True, exist_ok=True)
-    return path
