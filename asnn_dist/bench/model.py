@@ -183,14 +183,14 @@ def target_lines(result: dict[str, Any]) -> list[str]:
     limit = TARGETS["ckpt_mem_t8_vs_t4"]
     if c8 and c4:
         line(f"checkpointed peak memory T=8 (best k={c8['segment']}) / T=4 (best k={c4['segment']})",
-             c8["peak_mib"] / c4["peak_mib"], limit, "{:.2f}x", False)
+             c8["peak_mib"] / c4["peak_mib"], limit, "{:.3f}x", False)
     for r8 in (r for r in rows if r["steps"] == 8 and r["segment"]):
         r4 = _find(rows, kind="train", steps=4, precision="fp32", segment=r8["segment"])
         if r4:
             line(f"checkpointed peak memory T=8 / T=4, both k={r8['segment']}", r8["peak_mib"] / r4["peak_mib"],
-                 limit, "{:.2f}x", False)
+                 limit, "{:.3f}x", False)
     if c8 and p4:
-        line("checkpointed peak memory T=8 (best k) / plain T=4", c8["peak_mib"] / p4["peak_mib"], limit, "{:.2f}x", False)
+        line("checkpointed peak memory T=8 (best k) / plain T=4", c8["peak_mib"] / p4["peak_mib"], limit, "{:.3f}x", False)
     if c8:
         line("checkpointing throughput cost at T=8 (best k)", c8["cost"], TARGETS["ckpt_cost"], "{:.0%}", False)
     acc = result.get("accuracy")
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip bf16 autocast runs")
     parser.add_argument("--no-accuracy", dest="accuracy", action="store_false",
                         help="skip the digits runs (LeNet ASNN trained in fp32 and in bf16)")
-    parser.add_argument("--accuracy-epochs", type=int, default=8, help="epochs of each digits run")
+    parser.add_argument("--accuracy-epochs", type=int, default=15, help="epochs of each digits run")
     parser.add_argument("--accuracy-seeds", type=int, default=3, help="digits runs (seeds) per precision")
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the square matmuls of the peak")
     parser.add_argument("--allocator", choices=["jemalloc", "glibc"], default="jemalloc",

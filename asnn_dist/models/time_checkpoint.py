@@ -7,7 +7,7 @@ segment's inputs: its slice of the encoded input and the membranes at its start 
 at segment boundaries). During backward each segment is recomputed from those, one at a
 time, so activation memory is that of one segment plus T / k boundary states instead of all
 T steps. The last segment is not recomputed: its backward comes first, so its activations
-are alive only as long as a recomputed segment's would be. Recomputation runs under
+are alive only as long as a recomputed segment's would be (so k >= T recomputes nothing). Recomputation runs under
 ``temporal.recomputing()``: BatchNorm normalises with the same batch statistics but does
 not update its running statistics a second time.
 
