@@ -3,7 +3,7 @@
 Why: checkpointed time segments start from the membrane carried in from the previous segment
 and hand their last membrane on; the multi-step kernel of ``snn.fused`` starts from rest and
 returns spikes only. Running the step functions under autograd works for any neuron
-(``temporal._WindowSteps``) but costs about three times the fused kernel. This function keeps
+(``step_neurons._WindowSteps``) but costs about three times the fused kernel. This function keeps
 the fused kernel's contract: it saves only the input current x and the entry membrane v0,
 and recomputes the membranes in backward with the forward's exact ops (those of
 ``snn.fused``: h = gain x, then h += leak v), so spikes seen by backward equal the forward's.
