@@ -168,19 +168,15 @@ def plain_side(cfg: "ExperimentConfig") -> LocalSide:
 def local_deepspeed_side(cfg: "ExperimentConfig") -> LocalSide:
     """The worker's engine (same config builder) and ``train_micro_batch``, without Ray
     (needs a process group: ``run_local_block`` makes a one-rank one)."""
-    import deepspeed
     import torch
 
     from asnn_dist.models.build import model_from_config
-    from asnn_dist.train.deepspeed_config import build_deepspeed_config, build_optimizer
+    from asnn_dist.train.deepspeed_config import build_engine
     from asnn_dist.train.worker import masked_loss
 
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params,
-                                                   optimizer=build_optimizer(cfg, params),
-                                                   config=build_deepspeed_config(cfg, 1))
+    engine, optimizer = build_engine(cfg, model, 1)
 
     def step(batch, lr: float) -> float:
         images, labels, valid = batch[:3]

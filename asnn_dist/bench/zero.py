@@ -4,10 +4,11 @@ optimizer state that DeepSpeed keeps for ZeRO stages 0-3, against the ZeRO paper
 Run: ``asnn-dist bench zero [--stages 0 1 2 3] [--ranks 2] [--model spikformer_4_384]``.
 Each run spawns ``--ranks`` CPU processes joined by a gloo process group (loopback) and, for
 every stage in turn, builds the model and its engine exactly as the training worker does
-(``build_deepspeed_config`` + ``build_optimizer``: fp32, torch AdamW), trains one optimizer
-step on a synthetic batch (AdamW allocates its state lazily), then runs the backward of the
-first micro batch of step 2 (``--accum 2``: gradients are being accumulated, the state ZeRO's
-accounting describes) and walks what the engine holds: the module's parameters (for ZeRO-3
+(``build_engine``: ``build_deepspeed_config`` + ``build_optimizer``, fp32, torch AdamW, with
+the ``deepspeed_compat`` fix), trains one optimizer step on a synthetic batch (AdamW
+allocates its state lazily), then runs the backward of the first micro batch of step 2
+(``--accum 2``: gradients are being accumulated, the state ZeRO's accounting describes) and
+walks what the engine holds: the module's parameters (for ZeRO-3
 their partitions ``param.ds_tensor``) and gradients, and every tensor reachable from
 DeepSpeed's ZeRO optimizer and the torch optimizer inside it. Tensors are deduplicated by
 storage (``untyped_storage().data_ptr()``; a flat buffer and its views count once, at the
@@ -18,7 +19,8 @@ several do, the first category of this list wins):
   grads   ``param.grad`` and DeepSpeed's gradient partitions (``all_grad_tensors``,
           ``averaged_gradients``, ZeRO-3 ``grad_partitions_flat_buffer``)
   master  the fp32 weight partition the ZeRO optimizer updates (``single_partition_of_fp32_
-          groups``, ``fp32_partitioned_groups_flat``) when it is a storage of its own
+          groups``, ``fp32_partitioned_groups_flat``) when it is a storage of its own (with
+          the fix, ZeRO-3's is the parameter partition itself and counts as params)
   optim   the torch optimizer's ``state`` (exp_avg, exp_avg_sq, step)
   buffers gradient-reduction buckets (``ipg_buckets``: ``reduce_bucket_size`` = 5e7 elements,
           200 MB, from ``torch.empty``; on CPU untouched pages are not resident)
@@ -29,11 +31,14 @@ Theory, bytes per rank for P parameters and N ranks, fp32 with Adam (``theory``)
 paper's split with fp32 sizes, where Adam keeps K = 8 bytes (exp_avg, exp_avg_sq) and fp32
 training needs no master copy: stage 0: 4P + 4P + 8P = 16P; stage 1: 4P + 4P + 8P/N;
 stage 2: 4P + 12P/N; stage 3: 16P/N. DeepSpeed's fp32 layout (``ds-theory``) adds:
-- a separate fp32 master partition, 4P/N, at stages 1-3. ZeRO-1/2 always clone it
-  ("cloned and detached from the origin params", stage_1_and_2.py). ZeRO-3 means to skip the
-  copy for fp32 weights, but its test ``tensor.device == self.device`` compares a
-  ``torch.device`` with the string from ``current_device_name()`` ('cpu'), which is never
-  equal, so the clone is made (DeepSpeed 0.19.8, stage3.py ``_create_fp32_partitions``).
+- a separate fp32 master partition, 4P/N, at stages 1-2: ZeRO-1/2 always clone it ("cloned
+  and detached from the origin params", stage_1_and_2.py). ZeRO-3 means to reuse the fp32
+  parameter partition as its master, but its test ``tensor.device == self.device`` compares
+  a ``torch.device`` with the string from ``current_device_name()`` ('cpu'), which is never
+  equal, so DeepSpeed 0.19.8 as shipped clones it too (stage3.py ``_create_fp32_partitions``).
+  ``asnn_dist.train.deepspeed_compat`` fixes that comparison (``build_engine`` applies it), so
+  here ZeRO-3 keeps no master copy; each row records whether its master shared the parameter
+  storage (``shared_master``) and ``ds-theory`` follows it.
 - ZeRO-3 keeps parameters smaller than ``stage3_param_persistence_threshold`` (1e4 in our
   config) whole on every rank: 4 P_small (N - 1)/N more.
 - ZeRO-1/2 size a rank's gradient partition (``grads_in_partition``) by the whole of every
@@ -41,8 +46,9 @@ stage 2: 4P + 12P/N; stage 3: 16P/N. DeepSpeed's fp32 layout (``ds-theory``) add
   full on both ranks (a few % for Spikformer; more for a model dominated by one tensor).
 - ZeRO-1 with ``--accum 1`` has reduced and freed its full gradients by the end of the
   backward (they peak at 4P during it), leaving the 4P/N partition.
-So ZeRO-3 fp32 keeps about 20P/N: ``ratio`` (against 16P/N) is 1.25 by construction, and
-``ds-ratio`` checks the measurement against the layout above.
+So ZeRO-3 fp32 keeps 16P/N plus the whole small parameters: ``ratio`` (against 16P/N) is
+within a few % of 1 for a model whose tensors are mostly above the threshold (it was 1.25
+with DeepSpeed's clone), and ``ds-ratio`` checks the measurement against the layout above.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ class RankMemory:
     accum: int
     bytes: dict[str, int] = field(default_factory=dict)
     largest: list[tuple[str, str, int]] = field(default_factory=list)
+    shared_master: Optional[bool] = None  # the fp32 master partition is the parameter storage
 
     @property
     def model_state(self) -> int:
@@ -89,10 +96,16 @@ def paper_theory(stage: int, params: int, ranks: int) -> float:
     return {0: 16 * p, 1: 8 * p + 8 * p / n, 2: 4 * p + 12 * p / n, 3: 16 * p / n}[stage]
 
 
-def deepspeed_theory(stage: int, params: int, ranks: int, small_params: int = 0, accum: int = 2) -> float:
-    """Model-state bytes per rank of DeepSpeed's fp32 layout (see the module docstring)."""
+def deepspeed_theory(stage: int, params: int, ranks: int, small_params: int = 0, accum: int = 2,
+                     shared_master: Optional[bool] = None) -> float:
+    """Model-state bytes per rank of DeepSpeed's fp32 layout (see the module docstring).
+    ``shared_master``: whether the fp32 master partition is the parameter storage itself;
+    None means what ``build_engine`` gives: shared at stage 3 (``deepspeed_compat``), a
+    separate clone at stages 1-2."""
     p, n = float(params), float(ranks)
-    extra = 0.0 if stage == 0 else 4 * p / n  # the fp32 master partition
+    if shared_master is None:
+        shared_master = stage == 3
+    extra = 0.0 if stage == 0 or shared_master else 4 * p / n  # a separate fp32 master partition
     if stage == 1 and accum == 1:
         extra -= 4 * p - 4 * p / n  # gradients already reduced to the partition
     if stage == 3:
@@ -177,14 +190,27 @@ def snapshot(engine: Any) -> tuple[dict[str, int], list[tuple[str, str, int]]]:
     return totals, largest
 
 
+def master_is_shared(engine: Any) -> bool:
+    """Whether every fp32 master partition of the engine's ZeRO optimizer lies in the storage
+    of the matching parameter partition (ZeRO-3 with ``deepspeed_compat``); False without a
+    ZeRO optimizer or with separate copies (ZeRO-1/2, DeepSpeed's ZeRO-3 as shipped)."""
+    opt = engine.optimizer
+    pairs = [(getattr(opt, "fp32_partitioned_groups_flat", None), getattr(opt, "fp16_partitioned_groups_flat", None)),
+             (getattr(opt, "single_partition_of_fp32_groups", None), getattr(opt, "bit16_groups_flat", None))]
+    for masters, partitions in pairs:
+        if masters and partitions and len(masters) == len(partitions):
+            return all(m.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
+                       for m, q in zip(masters, partitions))
+    return False
+
+
 # ---- the per-rank process --------------------------------------------------------------------
 def _measure_stage(stage: int, overrides: Sequence[str], rank: int, world: int) -> RankMemory:
-    import deepspeed
     import torch
 
     from asnn_dist.config import load_config
     from asnn_dist.models.build import model_from_config
-    from asnn_dist.train.deepspeed_config import build_deepspeed_config, build_optimizer
+    from asnn_dist.train.deepspeed_config import build_engine
     from asnn_dist.train.worker import masked_loss
 
     cfg = load_config(None, [*overrides, f"engine.zero_stage={stage}", "engine.precision=fp32",
@@ -194,9 +220,7 @@ def _measure_stage(stage: int, overrides: Sequence[str], rank: int, world: int) 
     params = [p for p in model.parameters() if p.requires_grad]
     num = sum(p.numel() for p in params)
     small = sum(p.numel() for p in params if p.numel() < PERSISTENCE_THRESHOLD)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params,
-                                           optimizer=build_optimizer(cfg, params),
-                                           config=build_deepspeed_config(cfg, world))
+    engine, _ = build_engine(cfg, model, world)
     b, size = cfg.optim.micro_batch_size, cfg.data.image_size
     gen = torch.Generator().manual_seed(rank)
     images = torch.rand(b, cfg.data.in_channels, size, size, generator=gen)
@@ -208,7 +232,8 @@ def _measure_stage(stage: int, overrides: Sequence[str], rank: int, world: int) 
             if step == 1 and micro == 0:
                 totals, largest = snapshot(engine)  # gradients and optimizer state both alive
             engine.step()  # updates only at the accumulation boundary
-    out = RankMemory(stage, rank, world, num, small, cfg.optim.grad_accum_steps, totals, largest)
+    out = RankMemory(stage, rank, world, num, small, cfg.optim.grad_accum_steps, totals, largest,
+                     master_is_shared(engine))
     engine.destroy()  # drops ZeRO-3's module hooks before the next stage's engine
     del engine, model, params
     gc.collect()
@@ -260,7 +285,7 @@ def table(rows: Sequence[RankMemory]) -> str:
     body = []
     for r in rows:
         th = paper_theory(r.stage, r.num_params, r.world)
-        ds = deepspeed_theory(r.stage, r.num_params, r.world, r.small_params, r.accum)
+        ds = deepspeed_theory(r.stage, r.num_params, r.world, r.small_params, r.accum, r.shared_master)
         body.append([r.stage, r.rank, *(r.bytes.get(c, 0) / MIB for c in MODEL_STATE), r.model_state / MIB,
                      th / MIB, f"{r.model_state / th:.3f}", ds / MIB, f"{r.model_state / ds:.3f}",
                      r.bytes.get("buffers", 0) / MIB, r.bytes.get("other", 0) / MIB])
@@ -269,20 +294,24 @@ def table(rows: Sequence[RankMemory]) -> str:
 
 def zero3_summary(rows: Sequence[RankMemory], tolerance: float = 0.10) -> str:
     """One line per rank: ZeRO-3 model state against 16P/N (the issue's 10 % target) and
-    against DeepSpeed's fp32 layout, plus the same without the redundant master clone."""
+    against DeepSpeed's fp32 layout, and what the fp32 master partition is."""
     lines = []
     for r in (r for r in rows if r.stage == 3):
         th = paper_theory(3, r.num_params, r.world)
-        ds = deepspeed_theory(3, r.num_params, r.world, r.small_params, r.accum)
+        ds = deepspeed_theory(3, r.num_params, r.world, r.small_params, r.accum, r.shared_master)
         state, master = r.model_state, r.bytes.get("master", 0)
 
         def verdict(ratio: float) -> str:
             return f"{ratio:.3f} ({'within' if abs(ratio - 1.0) <= tolerance else 'outside'} {tolerance:.0%})"
 
+        if r.shared_master:
+            how = "fp32 master = the parameter partition (no copy; asnn_dist.train.deepspeed_compat)"
+        else:
+            how = (f"fp32 master is a separate {master / MIB:.2f} MiB clone; without it vs 16P/N: "
+                   f"{verdict((state - master) / th)}")
         lines.append(f"ZeRO-3 rank {r.rank}: model state {state / MIB:.2f} MiB; vs 16P/N = {th / MIB:.2f} MiB: "
                      f"{verdict(state / th)}; vs DeepSpeed fp32 layout {ds / MIB:.2f} MiB: {verdict(state / ds)}; "
-                     f"without the {master / MIB:.2f} MiB fp32 master clone vs 16P/N: "
-                     f"{verdict((state - master) / th)}")
+                     f"{how}")
     return "\n".join(lines)
 
 
@@ -318,8 +347,10 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"N = {args.ranks} ranks, fp32 AdamW, grad_accum_steps {args.accum}; bytes per rank after the first "
           "backward of step 2")
     print(table(rows))
+    shared3 = all(r.shared_master for r in rows if r.stage == 3)
+    clones = "stages 1-2; ZeRO-3's master shares the parameter partition" if shared3 else "stages 1-3"
     print("theory: ZeRO paper split with fp32 sizes (16P, 8P+8P/N, 4P+12P/N, 16P/N); ds-theory: DeepSpeed's fp32 "
-          "layout, + fp32 master clone 4P/N (stages 1-3) + whole small params (stage 3); buffers (reduce "
+          f"layout, + fp32 master clone 4P/N ({clones}) + whole small params (stage 3); buffers (reduce "
           "buckets) and other are not model state")
     if any(r.stage == 3 for r in rows):
         print(zero3_summary(rows))

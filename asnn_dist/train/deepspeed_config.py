@@ -5,6 +5,10 @@ per-parameter tensors in the state dict, so a resumed run continues bit for bit 
 CPU fused Adam keeps bias-correction powers in C++ state that a restore recomputes with
 ``pow``, which differs in the last bits). The schedule (warmup + cosine, per optimizer step) is ours (``schedule.py``) rather than a
 DeepSpeed scheduler so that plain-PyTorch references and resumed runs share one definition.
+
+``build_engine`` is the one place this package calls ``deepspeed.initialize`` (the training
+worker, ``bench zero``, ``bench train``, the tests): it applies ``deepspeed_compat`` first, so
+that fp32 ZeRO-3 runs keep no redundant fp32 master copy of their weight partition.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
     import torch
+    from deepspeed import DeepSpeedEngine
 
     from asnn_dist.config import ExperimentConfig
 
@@ -61,3 +66,20 @@ def build_optimizer(cfg: "ExperimentConfig", params) -> Optional["torch.optim.Op
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     return None
+
+
+def build_engine(cfg: "ExperimentConfig", model: "torch.nn.Module", world_size: int
+                 ) -> tuple["DeepSpeedEngine", Any]:
+    """The DeepSpeed engine for ``model`` and its optimizer (DeepSpeed's wrapper; its
+    ``param_groups`` are the ones to set the learning rate on), from our config, with
+    ``deepspeed_compat`` applied. Every rank calls it (``deepspeed.initialize`` is collective)."""
+    import deepspeed
+
+    from asnn_dist.train import deepspeed_compat
+
+    deepspeed_compat.apply()
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params,
+                                                   optimizer=build_optimizer(cfg, params),
+                                                   config=build_deepspeed_config(cfg, world_size))
+    return engine, optimizer

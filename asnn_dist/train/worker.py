@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from asnn_dist.config import ExperimentConfig
 from asnn_dist.train import checkpointing as ckpt
-from asnn_dist.train.deepspeed_config import build_deepspeed_config, build_optimizer
+from asnn_dist.train.deepspeed_config import build_engine
 from asnn_dist.train.metrics import average_buffers, evaluate_with_stats, learned_param_summary, mean_across_ranks
 from asnn_dist.train.schedule import lr_at
 
@@ -81,7 +81,6 @@ class Trainer:
     """One rank's training run: owns the engine, the loaders, the loop state and the reports."""
 
     def __init__(self, cfg: ExperimentConfig, run_id: Optional[str]) -> None:
-        import deepspeed
         import ray.train
 
         from asnn_dist.models.build import model_from_config, model_kwargs
@@ -94,11 +93,7 @@ class Trainer:
         model = model_from_config(cfg)
         self.train_loader, self.val_loader, classes = _make_loaders(cfg, self.rank, self.world)
         self.meta = {"model": cfg.model.name, "kwargs": model_kwargs(cfg), "classes": classes}
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=params, optimizer=build_optimizer(cfg, params),
-            config=build_deepspeed_config(cfg, self.world),
-        )
+        self.engine, self.optimizer = build_engine(cfg, model, self.world)
         self.accum = cfg.optim.grad_accum_steps
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch < 1:

@@ -31,23 +31,19 @@ def _free_port() -> int:
 
 def _train_step(stage: int, segment: int, rank: int, world: int) -> dict:
     """One engine step; returns full (gathered) gradients, buffers and updated weights."""
-    import deepspeed
     import torch
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     from asnn_dist.config import load_config
     from asnn_dist.models.build import model_from_config
-    from asnn_dist.train.deepspeed_config import build_deepspeed_config, build_optimizer
+    from asnn_dist.train.deepspeed_config import build_engine
     from asnn_dist.train.worker import masked_loss
 
     cfg = load_config(None, [*SETTINGS, f"engine.zero_stage={stage}", f"checkpoint.time_segment={segment}"])
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg)
     assert model.time_segment == segment
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params,
-                                           optimizer=build_optimizer(cfg, params),
-                                           config=build_deepspeed_config(cfg, world))
+    engine, _ = build_engine(cfg, model, world)
     gen = torch.Generator().manual_seed(100 + rank)  # every rank its own batch
     images = torch.rand(4, 1, 16, 16, generator=gen)
     labels = torch.randint(0, 5, (4,), generator=gen)

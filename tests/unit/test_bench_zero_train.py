@@ -18,10 +18,12 @@ ZERO_OVERRIDES = ["model.name=lenet_asnn_tiny", "model.options={widths: [8, 16, 
 def test_theory_formulas() -> None:
     p, n = 1000, 2
     assert [bench_zero.paper_theory(s, p, n) for s in range(4)] == [16000, 12000, 10000, 8000]
-    # DeepSpeed's fp32 layout: + master partition (stages 1-3), + whole small params (stage 3)
+    # DeepSpeed's fp32 layout: + master clone (stages 1-2; ZeRO-3 shares the parameter partition
+    # with deepspeed_compat), + whole small params (stage 3)
     assert bench_zero.deepspeed_theory(0, p, n) == 16000
     assert bench_zero.deepspeed_theory(2, p, n) == 12000
-    assert bench_zero.deepspeed_theory(3, p, n, small_params=100) == 10000 + 200
+    assert bench_zero.deepspeed_theory(3, p, n, small_params=100) == 8000 + 200
+    assert bench_zero.deepspeed_theory(3, p, n, small_params=100, shared_master=False) == 10000 + 200
     assert bench_zero.deepspeed_theory(1, p, n, accum=1) == 4 * p + 16 * p / n
 
 
@@ -45,9 +47,10 @@ def test_bench_zero_two_ranks() -> None:
     assert z0["params"] == z0["grads"] == 4 * p and z0["master"] == 0
     assert 8 * p <= z0["optim"] <= 8 * p + 4096  # exp_avg, exp_avg_sq (+ scalar step tensors)
     assert z2["params"] == pytest.approx(4 * p, rel=0.01)  # ZeRO-2 keeps the whole weights
-    for stage_bytes in (z2, z3):  # gradients, master and optimizer state are partitioned
+    for stage_bytes in (z2, z3):  # gradients and optimizer state are partitioned
         assert stage_bytes["optim"] == pytest.approx(z0["optim"] / 2, rel=0.05)
-        assert stage_bytes["master"] == pytest.approx(2 * p, rel=0.05)
+    assert z2["master"] == pytest.approx(2 * p, rel=0.05)  # ZeRO-2 clones its fp32 master partition
+    assert z3["master"] == 0 and by[3, 0].shared_master  # ZeRO-3's is the parameter partition
     assert 0.45 < z3["params"] / z0["params"] < 0.6
     assert z3["grads"] == pytest.approx(z0["grads"] / 2, rel=0.05)
     # ZeRO-2 sizes a rank's gradient partition by the whole of every parameter it overlaps: the
@@ -57,7 +60,7 @@ def test_bench_zero_two_ranks() -> None:
         ds = bench_zero.deepspeed_theory(r.stage, r.num_params, r.world, r.small_params, r.accum)
         assert r.model_state == pytest.approx(ds, rel=0.05), (r.stage, r.rank)
     text = bench_zero.table(rows) + bench_zero.zero3_summary(rows)
-    assert "ds-ratio" in text and "ZeRO-3 rank 1" in text
+    assert "ds-ratio" in text and "ZeRO-3 rank 1" in text and "no copy" in text
 
 
 def test_bench_train_tiny(tmp_path) -> None:
