@@ -17,6 +17,24 @@ for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY",
 BUCKETS = ("asnn-ckpt", "asnn-mlflow", "asnn-data")
 
 
+@pytest.fixture(params=["native", "torch-ops"])
+def lif_impl(request):
+    """Run a test with the fused LIF kernels' compiled C path and with their torch-op path.
+
+    The C path is skipped only where no C compiler exists; where one exists, a failing build
+    fails the test instead of quietly testing the torch ops twice."""
+    import shutil
+
+    from asnn_dist.snn import native
+
+    if request.param == "native":
+        if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+            pytest.skip("no C compiler: the C LIF kernel cannot be built here")
+        assert native.load() is not None, "a C compiler exists but the C LIF kernel did not build"
+    with native.forced(request.param == "native"):
+        yield request.param
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> str:
     """Digits shards (64 samples a shard: 23 train / 6 test shards) shared by the session."""

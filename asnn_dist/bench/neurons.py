@@ -1,9 +1,11 @@
 """Neuron kernel benchmark: fused multi-step adaptive LIF vs the loop of step functions
 (vs SpikingJelly's multi-step LIFNode, torch backend, when it is installed).
 
-Run: ``python -m asnn_dist.bench.neurons --steps 4 8 16 --repeats 5 [--threads N]``.
+Run: ``asnn-dist bench neurons --steps 4 8 16 --repeats 5 [--threads N]``.
 Neurons: ASNN AdaptiveLIF (per-step leak/gain, soft reset, sigmoid surrogate) with the
-"fused" and "loop" backends; SpikingJelly's LIFNode (tau 2, soft reset) as an outside
+"fused" backend (on CPU its compiled C kernel, ``snn.native``), the same fused kernel on its
+torch-op path ("fused-ops", what GPUs and other dtypes run) and the "loop" backend (the step
+functions, the reference); SpikingJelly's LIFNode (tau 2, soft reset) as an outside
 reference. Ratios compare fused with loop measured in the same run; on a shared machine
 timings are noisy (backends alternate within each repeat, and ``--threads 1`` avoids
 intra-op threads waiting for a busy core).
@@ -22,9 +24,12 @@ What is measured, per layer shape and T, all fp32 on the current device (CPU her
 Layers: Spikformer-sized [T, 32, 64 tokens, 384 ch] and conv-sized [T, 32, 128, 16, 16].
 
 A lone neuron layer's peak is dominated by its output and its input gradient, which every
-implementation must allocate; in a network the peak is the sum of what each layer keeps for
-backward. ``--stack D`` adds rows for a stack of D [Linear 384->384 + neuron] blocks on the
-Spikformer shape, where that difference shows in the peak itself.
+implementation must allocate (2 of the loop's ~2.9 layer-sized tensors), so alone it cannot
+fall to half the loop's. In a network the peak is the sum of what each layer keeps for
+backward: ``--stack D`` adds rows for a stack of D [Linear 384->384 + neuron] blocks on the
+Spikformer shape (a slice of a Spikformer MLP), whose linears keep their spike inputs as
+1 byte per value as the models do (``models.lean``; the first linear reads analog input and
+keeps it as it is). There the neuron's own saved tensors make the difference in the peak.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
+from asnn_dist.models.lean import SpikeLinear, packing
+from asnn_dist.snn import native
 from asnn_dist.snn.neurons import AdaptiveLIF
 
 LAYERS = {"spikformer": (32, 64, 384), "conv": (32, 128, 16, 16)}
@@ -121,23 +128,38 @@ def _time_interleaved(
 
 
 class _Stack(nn.Module):
-    """D blocks of [Linear -> neuron] on [T, B, tokens, C]: a slice of a Spikformer MLP."""
+    """D blocks of [Linear -> neuron] on [T, B, tokens, C]: a slice of a Spikformer MLP; the
+    linears after the first read spikes and keep them as uint8 for backward (``lean``)."""
 
     def __init__(self, make_neuron: Callable[[], nn.Module], depth: int, channels: int) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.linears = nn.ModuleList(nn.Linear(channels, channels) for _ in range(depth))
+        self.linears = nn.ModuleList((SpikeLinear if i else nn.Linear)(channels, channels) for i in range(depth))
         self.neurons = nn.ModuleList(make_neuron() for _ in range(depth))
 
     def forward(self, x: Tensor) -> Tensor:
-        for linear, neuron in zip(self.linears, self.neurons):
-            x = neuron(2.0 * linear(x))
+        with packing(True):
+            for linear, neuron in zip(self.linears, self.neurons):
+                x = neuron(2.0 * linear(x))
         return x
+
+
+class _TorchOps(nn.Module):
+    """Runs a module with the fused kernel's torch-op path (the C kernel switched off)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        with native.forced(False):
+            return self.module(x)
 
 
 def _backends(T: int, sj: Callable[[], nn.Module] | None, stack: int) -> dict[str, nn.Module]:
     makers: dict[str, Callable[[], nn.Module]] = {
         "fused": lambda: AdaptiveLIF(T, backend="fused"),
+        "fused-ops": lambda: _TorchOps(AdaptiveLIF(T, backend="fused")),
         "loop": lambda: AdaptiveLIF(T, backend="loop"),
     }
     if sj is not None:
@@ -164,7 +186,9 @@ def run(steps: tuple[int, ...] = (4, 8, 16), repeats: int = 5, stack: int = 0) -
             for name, ms in _time_interleaved(backends, x, gout, repeats).items():
                 row[f"{name}_ms"] = ms
             for name, module in backends.items():
-                row[f"{name}_peak_mb"] = peak_bytes(lambda: _fwd_bwd(module, x, gout)) / MB
+                x.grad = None  # freed before, not inside, the measured call
+                module.zero_grad(set_to_none=True)
+                row[f"{name}_peak_mb"] = peak_bytes(lambda: module(x).backward(gout)) / MB
                 row[f"{name}_saved_mb"] = saved_bytes(module, x) / MB
             x.grad = None
             row["speedup_vs_loop"] = row["loop_ms"] / row["fused_ms"]
@@ -176,10 +200,10 @@ def run(steps: tuple[int, ...] = (4, 8, 16), repeats: int = 5, stack: int = 0) -
 
 def format_table(rows: list[dict]) -> str:
     """Plain-text table: one line per (layer, T); SpikingJelly columns only when measured."""
-    backends = ["fused", "loop"]
+    backends = ["fused", "fused-ops", "loop"]
     if any("spikingjelly_ms" in r for r in rows):
         backends.append("spikingjelly")
-    short = {"fused": "fused", "loop": "loop", "spikingjelly": "sj"}
+    short = {"fused": "fused", "fused-ops": "ops", "loop": "loop", "spikingjelly": "sj"}
     cols = [("layer", "layer", "{}"), ("shape", "shape", "{}"), ("T", "T", "{}")]
     for b in backends:
         cols.append((f"{b}_ms", f"{short[b]} ms", "{:.1f}"))
@@ -214,10 +238,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = run(tuple(args.steps), args.repeats, args.stack)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, fwd+bwd")
+    kernel = "C kernel" if native.enabled() else "C kernel unavailable: torch ops"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, fwd+bwd; fused = {kernel}, "
+          "ops = the fused kernel's torch-op path")
     print(format_table(rows))
+    lines = target_lines(rows)
+    if lines:
+        print("targets (issue 3, T = 8: fused >= 2x faster than the loop, <= 0.5x its peak memory):")
+        print("\n".join(lines))
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def target_lines(rows: list[dict]) -> list[str]:
+    """Issue 3's targets at T = 8: speed of each lone layer (in the stack the linears' matmuls
+    dilute it) and peak memory of every row."""
+    out = []
+    for r in (r for r in rows if r["T"] == 8):
+        name = f"{r['layer']} {r['shape']}"
+        if not r["layer"].startswith("stack"):
+            ok = r["speedup_vs_loop"] >= 2.0
+            out.append(f"  {name}: speed {r['speedup_vs_loop']:.2f}x (target >= 2x) {'met' if ok else 'NOT met'}")
+        ok = r["peak_ratio_vs_loop"] <= 0.5
+        out.append(f"  {name}: peak memory {r['peak_ratio_vs_loop']:.2f}x (target <= 0.5x) {'met' if ok else 'NOT met'}")
+    return out

@@ -16,6 +16,9 @@ gradient of the returned membrane) and sg = surrogate'(h[t] - theta):
     g_s = dL/ds[t] + g_v dv/ds  (dv/ds = -theta soft, -h hard, 0 with detach_reset)
     g_h = g_v dv/dh + g_s sg    (dv/dh = 1 soft, 1 - s hard)
     dx[t] = gain[t] g_h,  dgain[t] = <g_h, x[t]>,  dleak[t] = <g_h, v[t-1]>,  dv0 = leak[0] g_h[0].
+On CPU (float32/float64, built-in surrogates) forward and backward run in the compiled C
+kernel of ``snn.native`` (the one the fused multi-step kernel uses); the torch ops below are
+the path everywhere else.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from asnn_dist.snn import native
+from asnn_dist.snn.fused import param_grads
 from asnn_dist.snn.surrogate import Surrogate
 
 
@@ -56,7 +61,14 @@ class _WindowAdaptiveLIF(torch.autograd.Function):
         lk = [float(leak.detach().reshape(-1)[i]) for i in index]
         gn = [float(gain.detach().reshape(-1)[i]) for i in index]
         x = x.contiguous()
-        spikes, v, _, _ = _steps(x, v0, lk, gn, threshold, hard, keep=False)
+        v0 = None if v0 is None else v0.contiguous()
+        ctx.native = native.supports(x, surrogate)
+        if ctx.native:
+            spikes, v = torch.empty_like(x), torch.empty_like(x[0])
+            native.forward(_flat(x), None if v0 is None else v0.view(-1), lk, gn, threshold, hard, _flat(spikes),
+                           v.view(-1))
+        else:
+            spikes, v, _, _ = _steps(x, v0, lk, gn, threshold, hard, keep=False)
         ctx.save_for_backward(x, v0)
         # values are read here; backward needs only shapes (parameters are not saved)
         ctx.consts = (index, lk, gn, threshold, surrogate, hard, detach_reset, leak.shape, gain.shape, leak.dtype)
@@ -66,6 +78,8 @@ class _WindowAdaptiveLIF(torch.autograd.Function):
     def backward(ctx: Any, g_s: Tensor, g_last: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
         x, v0 = ctx.saved_tensors
         index, lk, gn, thr, surrogate, hard, detach, leak_shape, gain_shape, p_dtype = ctx.consts
+        if ctx.native:
+            return _native_backward(ctx, x, v0, g_s, g_last)
         spikes, _, hs, vs = _steps(x, v0, lk, gn, thr, hard, keep=True)
         steps = x.shape[0]
         gx = torch.empty_like(x)
@@ -90,6 +104,29 @@ class _WindowAdaptiveLIF(torch.autograd.Function):
         g_v0 = g_v if v0 is not None and ctx.needs_input_grad[1] else None
         return (gx, g_v0, d_leak.view(leak_shape).to(p_dtype), d_gain.view(gain_shape).to(p_dtype),
                 None, None, None, None, None)
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.view(t.shape[0], -1)
+
+
+def _native_backward(ctx: Any, x: Tensor, v0: Optional[Tensor], g_s: Tensor,
+                     g_last: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    index, lk, gn, thr, surrogate, hard, detach, leak_shape, gain_shape, p_dtype = ctx.consts
+    need_x, need_v0, need_leak, need_gain = ctx.needs_input_grad[:4]
+    gx = torch.empty_like(x) if need_x else None
+    gv0 = torch.empty_like(v0) if v0 is not None and need_v0 else None
+    acc = native.backward(
+        _flat(x), None if v0 is None else v0.view(-1), _flat(g_s.contiguous()),
+        None if g_last is None else g_last.contiguous().view(-1), lk, gn, thr, hard, detach, surrogate,
+        None if gx is None else _flat(gx), None if gv0 is None else gv0.view(-1), need_leak or need_gain,
+    )
+    steps = x.shape[0]
+    like_leak = torch.empty(leak_shape, dtype=p_dtype)
+    like_gain = torch.empty(gain_shape, dtype=p_dtype)
+    d_leak = param_grads(acc, index, like_leak, 0, need_leak)  # type: ignore[arg-type]
+    d_gain = param_grads(acc, index, like_gain, steps, need_gain)  # type: ignore[arg-type]
+    return (gx, gv0, d_leak, d_gain, None, None, None, None, None)
 
 
 def window_adaptive_lif(x: Tensor, v0: Optional[Tensor], leak: Tensor, gain: Tensor, t0: int, threshold: float,

@@ -19,8 +19,12 @@ Backward, with g_v = dL/dv[t] = leak[t+1] * g_h[t+1] and sg = surrogate'(h[t] - 
     g_h  = g_v * dv/dh + g_s * sg    (dv/dh = 1 soft, 1 - s hard)
     dx[t] = gain[t] g_h,  dgain[t] = <g_h, x[t]>,  dleak[t] = <g_h, v[t-1]>,
     dtheta = sum_t -<g_s, sg> (- <g_v, s[t]> for the soft reset).
-Per-step leak/gain values are read to Python floats once per call (one host sync on GPU):
-the kernel targets CPU; a GPU build would replace this file, keeping the same parity tests.
+Per-step leak/gain values are read to Python floats once per call (one host sync on GPU).
+
+Two implementations of the same contract: on CPU (float32/float64, built-in surrogates) the
+compiled C kernel (``snn.native``), which runs all T steps of a block of elements in cache;
+everywhere else (GPU, other dtypes, custom surrogates, or ``ASNN_DIST_NATIVE=0``) the torch
+ops below. Both are checked against the loop of step functions by the same parity tests.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from asnn_dist.snn import native
 from asnn_dist.snn.functional import RESETS
 from asnn_dist.snn.surrogate import KernelForm, Surrogate
 
@@ -135,7 +140,11 @@ class _FusedAdaptiveLIF(torch.autograd.Function):
         thr = float(threshold)
         spikes = torch.empty_like(x)
         n = x[0].numel()
-        ctx.chunk = _forward(x.view(steps, n), spikes.view(steps, n), lk, gn, thr, hard)
+        ctx.native = native.supports(x, surrogate)
+        if ctx.native:
+            native.forward(x.view(steps, n), None, lk, gn, thr, hard, spikes.view(steps, n), None)
+        else:
+            ctx.chunk = _forward(x.view(steps, n), spikes.view(steps, n), lk, gn, thr, hard)
         tensors = [t if isinstance(t, Tensor) else None for t in (leak, gain, threshold)]
         ctx.save_for_backward(x, *tensors)
         ctx.consts = (lk, gn, thr, surrogate, hard, detach_reset)
@@ -146,6 +155,8 @@ class _FusedAdaptiveLIF(torch.autograd.Function):
         x, leak_t, gain_t, thr_t = ctx.saved_tensors
         lk, gn, thr, surrogate, hard, detach = ctx.consts
         need_x, need_leak, need_gain, need_thr = ctx.needs_input_grad[:4]
+        if ctx.native:
+            return _native_backward(ctx, x, gout, leak_t, gain_t, thr_t)
         k, kappa, finish_ = _kernel_form(surrogate)
         steps, n = x.shape[0], x[0].numel()
         x2, g2 = x.view(steps, n), gout.reshape(steps, n)
@@ -209,6 +220,42 @@ class _FusedAdaptiveLIF(torch.autograd.Function):
             None,
             None,
         )
+
+
+def param_grads(
+    acc: list[float], index: list[int], like: Tensor | None, base: int, needed: bool
+) -> Tensor | None:
+    """Gradient of a per-step parameter from the C kernel's per-step sums: step i of the call
+    adds to entry index[i] (per-step parameters) or to the single entry (shared)."""
+    if not needed or like is None:
+        return None
+    g = torch.zeros(like.numel(), dtype=torch.float64)
+    for i, j in enumerate(index):
+        g[j if like.numel() > 1 else 0] += acc[base + i]
+    return g.to(like.dtype).reshape(like.shape)
+
+
+def _native_backward(
+    ctx: Any, x: Tensor, gout: Tensor, leak_t: Tensor | None, gain_t: Tensor | None, thr_t: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    lk, gn, thr, surrogate, hard, detach = ctx.consts
+    need_x, need_leak, need_gain, need_thr = ctx.needs_input_grad[:4]
+    steps, n = x.shape[0], x[0].numel()
+    gx = torch.empty_like(x) if need_x else None
+    acc = native.backward(
+        x.view(steps, n), None, gout.reshape(steps, n).contiguous(), None, lk, gn, thr, hard, detach,
+        surrogate, None if gx is None else gx.view(steps, n), None, need_leak or need_gain or need_thr,
+    )
+    index = list(range(steps))
+    return (
+        gx,
+        param_grads(acc, index, leak_t, 0, need_leak),  # type: ignore[arg-type]
+        param_grads(acc, index, gain_t, steps, need_gain),  # type: ignore[arg-type]
+        None if not need_thr or thr_t is None else thr_t.new_full(thr_t.shape, acc[2 * steps]),  # type: ignore[index]
+        None,
+        None,
+        None,
+    )
 
 
 def fused_adaptive_lif(

@@ -1,5 +1,6 @@
-"""Build DeepSpeed's CPU ops once at install time (shared-memory all-reduce, fused Adam), so
-that the first training run does not spend a minute compiling them inside every worker."""
+"""Build the compiled ops once at install time, so that the first training run does not
+compile them inside every worker: DeepSpeed's CPU ops (shared-memory all-reduce, fused Adam;
+about a minute) and the C kernel of the adaptive LIF neuron (``snn.native``, about a second)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ def prebuild() -> list[str]:
     return built
 
 
+def prebuild_lif_kernel() -> str:
+    from asnn_dist.snn import native
+
+    lib = native.load()
+    return "built" if lib is not None else "not built (the torch-op path will be used)"
+
+
 if __name__ == "__main__":
     print("deepspeed ops ready:", ", ".join(prebuild()) or "none needed")
+    print("C LIF kernel:", prebuild_lif_kernel())
     sys.exit(0)

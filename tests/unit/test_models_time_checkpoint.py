@@ -136,6 +136,7 @@ def test_checkpointing_keeps_less_memory():
     ("soft", True, False, "sigmoid"), ("hard", True, False, "sigmoid"),
 ])
 @pytest.mark.parametrize("with_v0,t0", [(False, 0), (True, 2)])
+@pytest.mark.usefixtures("lif_impl")
 def test_window_kernel_matches_step_function_reference(reset, detach, adaptive, surrogate, with_v0, t0):
     """The hand-written window kernel against autograd through snn.functional's step."""
     torch.manual_seed(0)
@@ -158,6 +159,7 @@ def test_window_kernel_matches_step_function_reference(reset, detach, adaptive, 
         assert torch.allclose(a, b, atol=1e-10)
 
 
+@pytest.mark.usefixtures("lif_impl")
 def test_window_kernel_from_rest_equals_fused_multistep_kernel():
     n = StepAdaptiveLIF(4).double()
     with torch.no_grad():
