@@ -39,7 +39,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("lif_kernel.c")
-FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-pthread")
+FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp-simd", "-fPIC", "-shared", "-pthread")
 ARCH_FLAGS = ("-march=native",)
 SURROGATE_CODES = {"SigmoidSurrogate": 0, "AtanSurrogate": 1}
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1}

@@ -28,7 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define BLK 512
+#define BLK 256
 #define SUR_SIGMOID 0
 #define SUR_ATAN 1
 #define HALF_PI 1.57079632679489661923
@@ -39,7 +39,7 @@ typedef struct Job {
     void *spikes, *vlast, *gx, *gv0;
     const double *leak, *gain;
     double thr, alpha;
-    int hard, detach, sur, want_params;
+    int hard, detach, sur;
     double *acc; /* [2T + 1]: dleak[T], dgain[T], dthr */
     int failed;
     void (*fn)(struct Job *);
@@ -129,24 +129,6 @@ static inline double exp_neg_abs_d(double a) {
         }                                                                                              \
     }                                                                                                  \
                                                                                                        \
-    static inline double dot_##SUFFIX(const REAL *restrict a, const REAL *restrict b, int64_t m) {    \
-        double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                     \
-        int64_t i = 0;                                                                                 \
-        for (; i + 8 <= m; i += 8)                                                                     \
-            for (int k = 0; k < 8; ++k) lane[k] += (double)a[i + k] * (double)b[i + k];                \
-        for (; i < m; ++i) lane[0] += (double)a[i] * (double)b[i];                                     \
-        return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])); \
-    }                                                                                                  \
-                                                                                                       \
-    static inline double sum_##SUFFIX(const REAL *restrict a, int64_t m) {                            \
-        double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                     \
-        int64_t i = 0;                                                                                 \
-        for (; i + 8 <= m; i += 8)                                                                     \
-            for (int k = 0; k < 8; ++k) lane[k] += (double)a[i + k];                                   \
-        for (; i < m; ++i) lane[0] += (double)a[i];                                                    \
-        return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])); \
-    }                                                                                                  \
-                                                                                                       \
     static void forward_##SUFFIX(Job *j) {                                                            \
         REAL va[BLK], vb[BLK];                                                                         \
         const REAL *x = (const REAL *)j->x, *v0 = (const REAL *)j->v0;                                 \
@@ -167,31 +149,38 @@ static inline double exp_neg_abs_d(double a) {
     }                                                                                                  \
                                                                                                        \
     /* Reverse sweep of step t for m elements; sur/hard/detach are literals at every call     \
-     * site (see backward), so each combination compiles to its own branch-free vector loop. */ \
+     * site (see backward), so each combination compiles to its own branch-free vector loop. \
+     * The parameter sums of the step are reduced in the same loop (omp simd: a fixed order   \
+     * for a given build, so results are reproducible). vp: v[t-1] (zeros at rest).          */ \
     static inline __attribute__((always_inline)) void reverse_##SUFFIX(                               \
-        int64_t m, const REAL *restrict ht, const REAL *restrict got, REAL *restrict gxt,              \
-        REAL *restrict gvv, REAL *restrict ghv, REAL *restrict gss, REAL *restrict gvs, REAL g,        \
-        REAL l, REAL thr, REAL alpha, const int sur, const int hard, const int detach) {               \
+        int64_t m, const REAL *restrict ht, const REAL *restrict got, const REAL *restrict xt,         \
+        const REAL *restrict vp, REAL *restrict gxt, REAL *restrict gvv, REAL g, REAL l, REAL thr,     \
+        REAL alpha, double *restrict sums, const int sur, const int hard, const int detach) {          \
+        double s_gain = 0, s_leak = 0, s_thr = 0;                                                      \
+        _Pragma("omp simd reduction(+ : s_gain, s_leak, s_thr)")                                      \
         for (int64_t i = 0; i < m; ++i) {                                                              \
             REAL h = ht[i], gv = gvv[i];                                                               \
             REAL s = h >= thr ? (REAL)1 : (REAL)0;                                                     \
             REAL sg = surrogate_##SUFFIX(h - thr, sur, alpha);                                         \
             REAL gs = detach ? got[i] : got[i] + gv * (hard ? -h : -thr);                              \
             REAL gh = gs * sg + (hard ? gv * ((REAL)1 - s) : gv);                                      \
-            ghv[i] = gh;                                                                               \
-            gss[i] = gs * sg;                                                                          \
-            gvs[i] = gv * s;                                                                           \
             gvv[i] = l * gh;                                                                           \
             gxt[i] = g * gh;                                                                           \
+            s_gain += (double)gh * (double)xt[i];                                                      \
+            s_leak += (double)gh * (double)vp[i];                                                      \
+            s_thr += (double)(gs * sg) + (hard ? 0.0 : (double)(gv * s));                              \
         }                                                                                              \
+        sums[0] += s_gain;                                                                             \
+        sums[1] += s_leak;                                                                             \
+        sums[2] -= s_thr;                                                                              \
     }                                                                                                  \
                                                                                                        \
     static void backward_##SUFFIX(Job *j) {                                                           \
         const int64_t T = j->T, n = j->n;                                                              \
-        REAL *H = malloc(sizeof(REAL) * (size_t)(2 * T + 5) * BLK);                                    \
+        REAL *H = malloc(sizeof(REAL) * (size_t)(2 * T + 3) * BLK);                                    \
         if (!H) { j->failed = 1; return; }                                                             \
-        REAL *V = H + T * BLK, *GV = V + T * BLK, *GH = GV + BLK, *GSS = GH + BLK, *GVS = GSS + BLK;   \
-        REAL *GXS = GVS + BLK; /* dx of a block when the caller wants none */                          \
+        REAL *V = H + T * BLK, *GV = V + T * BLK, *GXS = GV + BLK, *ZERO = GXS + BLK;                  \
+        memset(ZERO, 0, BLK * sizeof(REAL));                                                           \
         const REAL *x = (const REAL *)j->x, *v0 = (const REAL *)j->v0, *go = (const REAL *)j->gout;    \
         const REAL *gl = (const REAL *)j->glast;                                                       \
         REAL *gx = (REAL *)j->gx, *gv0 = (REAL *)j->gv0;                                               \
@@ -208,25 +197,23 @@ static inline double exp_neg_abs_d(double a) {
             else memset(GV, 0, (size_t)m * sizeof(REAL));                                              \
             for (int64_t t = T - 1; t >= 0; --t) {                                                     \
                 const REAL g = (REAL)j->gain[t], l = (REAL)j->leak[t];                                 \
-                const REAL *ht = H + t * BLK, *got = go + t * n + i0;                                  \
+                const REAL *ht = H + t * BLK, *got = go + t * n + i0, *xt = x + t * n + i0;            \
+                const REAL *vp = t ? V + (t - 1) * BLK : (v0 ? v0 + i0 : ZERO);                        \
                 REAL *gxt = gx ? gx + t * n + i0 : GXS;                                                \
+                double sums[3] = {0, 0, 0};                                                            \
                 switch (mode) {                                                                        \
-                    case 0: reverse_##SUFFIX(m, ht, got, gxt, GV, GH, GSS, GVS, g, l, thr, alpha, 0, 0, 0); break; \
-                    case 1: reverse_##SUFFIX(m, ht, got, gxt, GV, GH, GSS, GVS, g, l, thr, alpha, 0, 0, 1); break; \
-                    case 2: reverse_##SUFFIX(m, ht, got, gxt, GV, GH, GSS, GVS, g, l, thr, alpha, 0, 1, 0); break; \
-                    case 3: reverse_##SUFFIX(m, ht, got, gxt, GV, GH, GSS, GVS, g, l, thr, alpha, 0, 1, 1); break; \
-                    case 4: reverse_##SUFFIX(m, ht, got, gxt, GV, GH, GSS, GVS, g, l, thr, alpha, 1, 0, 0); break; \
-                    case 5: reverse_##SUFFIX(m, ht, got, gxt, GV, GH, GSS, GVS, g, l, thr, alpha, 1, 0, 1); break; \
-                    case 6: reverse_##SUFFIX(m, ht, got, gxt, GV, GH, GSS, GVS, g, l, thr, alpha, 1, 1, 0); break; \
-                    default: reverse_##SUFFIX(m, ht, got, gxt, GV, GH, GSS, GVS, g, l, thr, alpha, 1, 1, 1); break; \
+                    case 0: reverse_##SUFFIX(m, ht, got, xt, vp, gxt, GV, g, l, thr, alpha, sums, 0, 0, 0); break; \
+                    case 1: reverse_##SUFFIX(m, ht, got, xt, vp, gxt, GV, g, l, thr, alpha, sums, 0, 0, 1); break; \
+                    case 2: reverse_##SUFFIX(m, ht, got, xt, vp, gxt, GV, g, l, thr, alpha, sums, 0, 1, 0); break; \
+                    case 3: reverse_##SUFFIX(m, ht, got, xt, vp, gxt, GV, g, l, thr, alpha, sums, 0, 1, 1); break; \
+                    case 4: reverse_##SUFFIX(m, ht, got, xt, vp, gxt, GV, g, l, thr, alpha, sums, 1, 0, 0); break; \
+                    case 5: reverse_##SUFFIX(m, ht, got, xt, vp, gxt, GV, g, l, thr, alpha, sums, 1, 0, 1); break; \
+                    case 6: reverse_##SUFFIX(m, ht, got, xt, vp, gxt, GV, g, l, thr, alpha, sums, 1, 1, 0); break; \
+                    default: reverse_##SUFFIX(m, ht, got, xt, vp, gxt, GV, g, l, thr, alpha, sums, 1, 1, 1); break; \
                 }                                                                                      \
-                if (j->want_params) {                                                                  \
-                    d_gain[t] += dot_##SUFFIX(GH, x + t * n + i0, m);                                  \
-                    const REAL *vp = t ? V + (t - 1) * BLK : (v0 ? v0 + i0 : NULL);                    \
-                    if (vp) d_leak[t] += dot_##SUFFIX(GH, vp, m);                                      \
-                    d_thr[0] -= sum_##SUFFIX(GSS, m);                                                  \
-                    if (!j->hard) d_thr[0] -= sum_##SUFFIX(GVS, m);                                    \
-                }                                                                                      \
+                d_gain[t] += sums[0];                                                                  \
+                d_leak[t] += sums[1];                                                                  \
+                d_thr[0] += sums[2];                                                                   \
             }                                                                                          \
             if (gv0) memcpy(gv0 + i0, GV, (size_t)m * sizeof(REAL));                                  \
         }                                                                                              \
@@ -302,6 +289,5 @@ int asnn_lif_backward(int dtype, int64_t T, int64_t n, const void *x, const void
     memset(&j, 0, sizeof j);
     j.T = T; j.n = n; j.x = x; j.v0 = v0; j.gout = gout; j.glast = glast; j.leak = leak; j.gain = gain;
     j.thr = thr; j.hard = hard; j.detach = detach; j.sur = sur; j.alpha = alpha; j.gx = gx; j.gv0 = gv0;
-    j.want_params = acc_out != NULL;
     return parallel(j, dtype ? backward_f64 : backward_f32, threads, acc_out);
 }
