@@ -18,8 +18,9 @@ BUCKETS = ("asnn-ckpt", "asnn-mlflow", "asnn-data")
 
 
 @pytest.fixture(params=["native", "torch-ops"])
-def lif_impl(request):
-    """Run a test with the fused LIF kernels' compiled C path and with their torch-op path.
+def kernel_path(request):
+    """Run a test with the compiled C kernels (``snn.native``: LIF, per-step BatchNorm) and
+    with the torch-op paths that GPUs and other dtypes use.
 
     The C path is skipped only where no C compiler exists; where one exists, a failing build
     fails the test instead of quietly testing the torch ops twice."""
@@ -30,7 +31,7 @@ def lif_impl(request):
     if request.param == "native":
         if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
             pytest.skip("no C compiler: the C LIF kernel cannot be built here")
-        assert native.load() is not None, "a C compiler exists but the C LIF kernel did not build"
+        assert native.load() is not None, "a C compiler exists but the C kernels did not build"
     with native.forced(request.param == "native"):
         yield request.param
 

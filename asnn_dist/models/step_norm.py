@@ -8,15 +8,77 @@ is shared; running statistics are kept per step ([T, C] buffers) so that eval no
 t with step t's statistics. A checkpoint recomputation (``temporal.recomputing()``)
 normalises with the same batch statistics but leaves the running statistics alone, so they
 are updated exactly once per training forward.
+
+Training on channels-last float32/float64 maps (tokens [T, B, N, C], or conv maps stored
+[T, B, H, W, C]) normalises all steps in one autograd node (``_StepBatchNormFn``; on CPU the C
+kernels of ``snn.native``, elsewhere torch ops): statistics folded into y = x * scale + shift
+as torch's CPU batch_norm does, saving only the input x. It registers y as an affine image of
+x (``snn.affine_source``), so the spiking neuron that reads y saves nothing more (it rebuilds
+y from x in backward). Other layouts, other dtypes (e.g. bf16 under autocast) and eval run
+``F.batch_norm`` step by step.
 """
 
 from __future__ import annotations
+
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asnn_dist.models.temporal import is_channels_last_seq, is_recomputing, step_offset
+from asnn_dist.snn import affine_source, native
+
+F64 = torch.float64
+
+
+def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """x * scale[t, c] + shift[t, c] for x [T, M, C] (the one formula forward and rebuild use)."""
+    if native.supports(x):
+        return native.bn_apply(x, scale, shift)
+    return torch.addcmul(shift.unsqueeze(1), x, scale.unsqueeze(1))
+
+
+class _StepBatchNormFn(torch.autograd.Function):
+    """Training BN of x [T, M, C] with statistics per step t and channel c (over M).
+
+    Returns (y, mean, biased var) - the statistics as float64 [T, C] for the running update."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        if native.supports(x):
+            mean, var = native.bn_stats(x)
+        else:
+            var, mean = torch.var_mean(x.to(F64), dim=1, correction=0)
+        invstd = (var + eps).rsqrt()
+        scale64 = weight.detach().to(F64) * invstd
+        scale = scale64.to(x.dtype)
+        shift = (bias.detach().to(F64) - mean * scale64).to(x.dtype)
+        y = _affine(x, scale, shift)
+        ctx.save_for_backward(x, mean, invstd, scale)
+        ctx.mark_non_differentiable(mean, var)
+        affine_source.register(y, affine_source.AffineSource(x, scale, shift, _affine))
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor, _gm: Optional[Tensor], _gv: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        x, mean, invstd, scale = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gy = gy.contiguous()
+        m = x.shape[1]
+        if native.supports(x):
+            gx, sum_gy, dotp = native.bn_backward(x, gy, mean, invstd, scale, need_x)
+        else:
+            xc = x.to(F64) - mean.unsqueeze(1)
+            g64 = gy.to(F64)
+            sum_gy, dotp = g64.sum(1), (g64 * xc).sum(1)
+            gx = None
+            if need_x:
+                k1, k2 = (sum_gy / m).unsqueeze(1), (dotp * invstd * invstd / m).unsqueeze(1)
+                gx = ((g64 - k1 - xc * k2) * scale.to(F64).unsqueeze(1)).to(x.dtype)
+        gw = (dotp * invstd).sum(0).to(x.dtype) if need_w else None
+        gb = sum_gy.sum(0).to(x.dtype) if need_b else None
+        return gx, gw, gb, None
 
 
 class StepBatchNorm(nn.Module):
@@ -47,11 +109,28 @@ class StepBatchNorm(nn.Module):
             raise ValueError(
                 f"steps {t0}..{t0 + steps - 1} exceed num_steps={self.num_steps} of this BatchNorm"
             )
+        batched = self.training and x.dtype in (torch.float32, F64)
         if self.channel_last:
-            return self._per_step(x, t0, flat=True)
+            x = x.contiguous() if batched else x
+            return self._batched(x, t0) if batched else self._per_step(x, t0, flat=True)
         if is_channels_last_seq(x):  # conv maps stored [T, B, H, W, C]: the fast 2-D kernel
-            return self._per_step(x.permute(0, 1, 3, 4, 2), t0, flat=True).permute(0, 1, 4, 2, 3)
+            xl = x.permute(0, 1, 3, 4, 2)
+            y = self._batched(xl, t0) if batched else self._per_step(xl, t0, flat=True)
+            return y.permute(0, 1, 4, 2, 3)
         return self._per_step(x, t0, flat=False)
+
+    def _batched(self, x: Tensor, t0: int) -> Tensor:
+        """All steps of channels-last x [tau, ..., C] (contiguous) in one node; see module doc."""
+        x3 = x.reshape(x.shape[0], -1, self.num_features)
+        y, mean, var = _StepBatchNormFn.apply(x3, self.weight, self.bias, self.eps)
+        if not is_recomputing():  # counted once per training forward
+            with torch.no_grad():
+                m = x3.shape[1]
+                unbiased = var * (m / max(m - 1, 1))
+                rows = slice(t0, t0 + x3.shape[0])
+                self.running_mean[rows].lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                self.running_var[rows].lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        return y.view(x.shape)
 
     def _per_step(self, x: Tensor, t0: int, flat: bool) -> Tensor:
         # Running statistics are read in eval and updated in training, except while a

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from asnn_dist.snn import native
+from asnn_dist.snn import affine_source, native
 from asnn_dist.snn.fused import param_grads
 from asnn_dist.snn.surrogate import Surrogate
 
@@ -69,14 +69,14 @@ class _WindowAdaptiveLIF(torch.autograd.Function):
                            v.view(-1))
         else:
             spikes, v, _, _ = _steps(x, v0, lk, gn, threshold, hard, keep=False)
-        ctx.save_for_backward(x, v0)
+        affine_source.save_input(ctx, x, v0)  # x, or the BN input it is rebuilt from
         # values are read here; backward needs only shapes (parameters are not saved)
         ctx.consts = (index, lk, gn, threshold, surrogate, hard, detach_reset, leak.shape, gain.shape, leak.dtype)
         return spikes, v
 
     @staticmethod
     def backward(ctx: Any, g_s: Tensor, g_last: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-        x, v0 = ctx.saved_tensors
+        x, (v0,) = affine_source.saved_input(ctx)
         index, lk, gn, thr, surrogate, hard, detach, leak_shape, gain_shape, p_dtype = ctx.consts
         if ctx.native:
             return _native_backward(ctx, x, v0, g_s, g_last)

@@ -8,7 +8,9 @@ on the same device), so spikes and resets seen by backward equal those of the fo
 flattened batch is processed in cache-sized chunks (all T steps of a chunk, then the next),
 with in-place ops into small preallocated buffers; surrogate scales are folded into the
 multiply-adds that follow (``Surrogate.kernel_form``) to save passes over memory.
-Memory: the forward saves x only; the backward allocates dx plus [T, chunk] buffers.
+Memory: the forward saves x only (or, when x is a BatchNorm's output registered in
+``snn.affine_source``, the BN's input that BN keeps anyway, and rebuilds x from it in
+backward); the backward allocates dx plus [T, chunk] buffers.
 
 Recurrence (method section 1; the loop reference is ``functional.adaptive_lif_step``):
     h[t] = leak[t] * v[t-1] + gain[t] * x[t]     v[-1] = 0
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from asnn_dist.snn import native
+from asnn_dist.snn import affine_source, native
 from asnn_dist.snn.functional import RESETS
 from asnn_dist.snn.surrogate import KernelForm, Surrogate
 
@@ -146,13 +148,13 @@ class _FusedAdaptiveLIF(torch.autograd.Function):
         else:
             ctx.chunk = _forward(x.view(steps, n), spikes.view(steps, n), lk, gn, thr, hard)
         tensors = [t if isinstance(t, Tensor) else None for t in (leak, gain, threshold)]
-        ctx.save_for_backward(x, *tensors)
+        affine_source.save_input(ctx, x, *tensors)  # x, or the BN input it is rebuilt from
         ctx.consts = (lk, gn, thr, surrogate, hard, detach_reset)
         return spikes
 
     @staticmethod
     def backward(ctx: Any, gout: Tensor) -> tuple[Tensor | None, ...]:
-        x, leak_t, gain_t, thr_t = ctx.saved_tensors
+        x, (leak_t, gain_t, thr_t) = affine_source.saved_input(ctx)
         lk, gn, thr, surrogate, hard, detach = ctx.consts
         need_x, need_leak, need_gain, need_thr = ctx.needs_input_grad[:4]
         if ctx.native:

@@ -141,7 +141,7 @@ COMBOS = list(
 
 
 @pytest.mark.parametrize("reset,detach,adaptive,sur_name", COMBOS)
-@pytest.mark.usefixtures("lif_impl")
+@pytest.mark.usefixtures("kernel_path")
 def test_fused_matches_loop_values_and_all_gradients(reset, detach, adaptive, sur_name) -> None:
     steps = 6
     g = torch.Generator().manual_seed(COMBOS.index((reset, detach, adaptive, sur_name)))
@@ -160,7 +160,7 @@ def test_fused_matches_loop_values_and_all_gradients(reset, detach, adaptive, su
         assert all(r.abs().sum() > 0 for r in ref[1:])  # non-trivial gradients
 
 
-@pytest.mark.usefixtures("lif_impl")
+@pytest.mark.usefixtures("kernel_path")
 def test_fused_chunked_and_noncontiguous_and_expanded_grad(monkeypatch) -> None:
     monkeypatch.setattr(fused, "_chunk_size", lambda steps, n: 8)  # 30 -> 4 chunks, last short
     steps = 5
@@ -188,7 +188,7 @@ def test_fused_chunked_and_noncontiguous_and_expanded_grad(monkeypatch) -> None:
     "v_reset,decay_input,detach",
     list(itertools.product([0.0, None, -0.3], [True, False], [False, True])),
 )
-@pytest.mark.usefixtures("lif_impl")
+@pytest.mark.usefixtures("kernel_path")
 def test_fused_lif_matches_spikingjelly_step(v_reset, decay_input, detach) -> None:
     steps, tau = 5, 2.5
     g = torch.Generator().manual_seed(7)
@@ -205,7 +205,7 @@ def test_fused_lif_matches_spikingjelly_step(v_reset, decay_input, detach) -> No
     torch.testing.assert_close(gf, gl, **TOL)
 
 
-@pytest.mark.usefixtures("lif_impl")
+@pytest.mark.usefixtures("kernel_path")
 def test_fused_float32_close_to_loop_and_retain_graph() -> None:
     steps = 4
     x = torch.randn(steps, 8, 16, generator=torch.Generator().manual_seed(3)) * 1.5 + 0.5
@@ -224,7 +224,7 @@ def test_fused_float32_close_to_loop_and_retain_graph() -> None:
     assert torch.equal(g1, g2)
 
 
-@pytest.mark.usefixtures("lif_impl")
+@pytest.mark.usefixtures("kernel_path")
 def test_fused_no_grad_and_bad_parameter_shapes() -> None:
     x = torch.randn(3, 2, 4, dtype=F64) + 0.8
     sur = SURROGATES.create("sigmoid")

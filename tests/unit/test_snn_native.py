@@ -85,7 +85,7 @@ def _run(x: torch.Tensor, threads: int, **kw):
 
 
 @needs_cc
-@pytest.mark.usefixtures("lif_impl")
+@pytest.mark.usefixtures("kernel_path")
 def test_threads_split_the_work_deterministically():
     x = 1.5 * torch.randn(5, 3 * 1000 + 7, generator=torch.Generator().manual_seed(0))  # many blocks, short tail
     s1, g1 = _run(x, 1)

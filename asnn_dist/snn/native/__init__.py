@@ -1,11 +1,12 @@
-"""The compiled CPU kernel of the adaptive LIF (``lif_kernel.c``): build, cache, load, call.
+"""Compiled CPU kernels: the adaptive LIF (``lif_kernel.c``) and per-step BatchNorm
+(``bn_kernel.c``): build, cache, load, call.
 
-Why compiled: on CPU the neuron layers are memory-bound elementwise work, and the torch-op
-kernel pays one dispatch and one pass over memory per op and step; the C kernel runs all T
-steps of a block of elements in cache (forward and backward), about 2-3x faster again, with
-no scratch tensors beyond its outputs. It is plain C (no torch headers), so building takes
-about a second with the system compiler; ``cc`` missing or failing is not an error: the
-fused kernel then keeps its torch-op path (one warning).
+Why compiled: on CPU the neuron and normalisation layers are memory-bound elementwise work,
+and torch ops pay one dispatch and one pass over memory per op and step; the C kernels run
+all T steps of a block of elements in cache (forward and backward), with no scratch tensors
+beyond their outputs. They are plain C (no torch headers), so building takes about a second
+with the system compiler; ``cc`` missing or failing is not an error: the callers then keep
+their torch-op paths (one warning).
 
 Cache: ``$ASNN_DIST_KERNEL_CACHE`` or ``~/.cache/asnn_dist/kernels``, one file per source,
 compiler and CPU (the build uses ``-march=native``), written atomically so that concurrent
@@ -38,7 +39,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("lif_kernel.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("lif_kernel.c", "bn_kernel.c"))
 FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp-simd", "-fPIC", "-shared", "-pthread")
 ARCH_FLAGS = ("-march=native",)
 SURROGATE_CODES = {"SigmoidSurrogate": 0, "AtanSurrogate": 1}
@@ -85,7 +86,7 @@ def _compile(cc: str, out: Path) -> None:
     try:
         last = None
         for arch in (ARCH_FLAGS, ()):  # some compilers do not know -march=native
-            cmd = [cc, *FLAGS, *arch, "-o", tmp, str(SOURCE)]
+            cmd = [cc, *FLAGS, *arch, "-o", tmp, *map(str, SOURCES)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if proc.returncode == 0:
                 os.replace(tmp, out)
@@ -100,9 +101,9 @@ def _compile(cc: str, out: Path) -> None:
 def library_path(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
-        SOURCE.read_bytes() + repr((FLAGS, ARCH_FLAGS, version, _cpu_identity())).encode()
+        b"".join(p.read_bytes() for p in SOURCES) + repr((FLAGS, ARCH_FLAGS, version, _cpu_identity())).encode()
     ).hexdigest()[:16]
-    return cache_dir() / f"lif_kernel-{key}.so"
+    return cache_dir() / f"asnn_kernels-{key}.so"
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -111,6 +112,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.asnn_lif_forward.restype = i32
     lib.asnn_lif_backward.argtypes = [i32, i64, i64, p, p, p, p, p, p, f64, i32, i32, i32, f64, p, p, p, i32]
     lib.asnn_lif_backward.restype = i32
+    lib.asnn_bn_stats.argtypes = [i32, i64, i64, i64, p, p, p, i32]
+    lib.asnn_bn_apply.argtypes = [i32, i64, i64, i64, p, p, p, p, i32]
+    lib.asnn_bn_backward.argtypes = [i32, i64, i64, i64, p, p, p, p, p, p, p, i32]
+    for fn in (lib.asnn_bn_stats, lib.asnn_bn_apply, lib.asnn_bn_backward):
+        fn.restype = i32
 
 
 def load(build: bool = True) -> Optional[ctypes.CDLL]:
@@ -160,10 +166,16 @@ def forced(on: bool) -> Iterator[None]:
         _forced = previous
 
 
-def supports(x: Tensor, surrogate: object) -> bool:
-    """Whether the C kernel can run this call: CPU float32/float64 and a known surrogate."""
-    return (x.device.type == "cpu" and x.dtype in DTYPE_CODES
-            and type(surrogate).__name__ in SURROGATE_CODES and enabled())
+def supports(x: Tensor, surrogate: object = None) -> bool:
+    """Whether the C kernels can run this call: CPU float32/float64 (and for the neuron a
+    built-in surrogate)."""
+    known = surrogate is None or type(surrogate).__name__ in SURROGATE_CODES
+    return x.device.type == "cpu" and x.dtype in DTYPE_CODES and known and enabled()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc:
+        raise MemoryError(f"C {what} kernel: out of memory")
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
@@ -182,8 +194,7 @@ def forward(x: Tensor, v0: Optional[Tensor], leak: Sequence[float], gain: Sequen
     rc = _lib.asnn_lif_forward(  # type: ignore[union-attr]
         DTYPE_CODES[x.dtype], steps, n, _ptr(x), _ptr(v0), _doubles(leak), _doubles(gain), float(thr),
         int(hard), _ptr(spikes), _ptr(v_last), torch.get_num_threads())
-    if rc:
-        raise MemoryError("C LIF kernel: out of memory")
+    _check(rc, "LIF")
 
 
 def backward(x: Tensor, v0: Optional[Tensor], gout: Tensor, g_last: Optional[Tensor], leak: Sequence[float],
@@ -197,6 +208,37 @@ def backward(x: Tensor, v0: Optional[Tensor], gout: Tensor, g_last: Optional[Ten
         DTYPE_CODES[x.dtype], steps, n, _ptr(x), _ptr(v0), _ptr(gout), _ptr(g_last), _doubles(leak),
         _doubles(gain), float(thr), int(hard), int(detach), SURROGATE_CODES[type(surrogate).__name__],
         float(surrogate.alpha), _ptr(gx), _ptr(gv0), acc, torch.get_num_threads())  # type: ignore[attr-defined]
-    if rc:
-        raise MemoryError("C LIF kernel: out of memory")
+    _check(rc, "LIF")
     return list(acc) if acc is not None else None
+
+
+def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-step mean and biased variance of channels-last x [T, M, C], as float64 [T, C]."""
+    steps, m, c = x.shape
+    mean = torch.empty(steps, c, dtype=torch.float64)
+    var = torch.empty(steps, c, dtype=torch.float64)
+    _check(_lib.asnn_bn_stats(DTYPE_CODES[x.dtype], steps, m, c, _ptr(x), _ptr(mean), _ptr(var),  # type: ignore[union-attr]
+                              torch.get_num_threads()), "BatchNorm")
+    return mean, var
+
+
+def bn_apply(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """x * scale[t, c] + shift[t, c] for x [T, M, C]; scale and shift [T, C] in x's dtype."""
+    steps, m, c = x.shape
+    y = torch.empty_like(x)
+    _check(_lib.asnn_bn_apply(DTYPE_CODES[x.dtype], steps, m, c, _ptr(x), _ptr(scale), _ptr(shift),  # type: ignore[union-attr]
+                              _ptr(y), torch.get_num_threads()), "BatchNorm")
+    return y
+
+
+def bn_backward(x: Tensor, gy: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor,
+                want_gx: bool) -> tuple[Optional[Tensor], Tensor, Tensor]:
+    """(gx or None, sum_m gy [T, C], sum_m gy (x - mean) [T, C]) for x, gy [T, M, C]; mean
+    and invstd float64 [T, C]; scale [T, C] in x's dtype (weight x invstd)."""
+    steps, m, c = x.shape
+    gx = torch.empty_like(x) if want_gx else None
+    sums = torch.zeros(steps, 2, c, dtype=torch.float64)  # per step: the sum_gy row, then the dotp row
+    _check(_lib.asnn_bn_backward(  # type: ignore[union-attr]
+        DTYPE_CODES[x.dtype], steps, m, c, _ptr(x), _ptr(gy), _ptr(mean), _ptr(invstd), _ptr(scale), _ptr(gx),
+        _ptr(sums), torch.get_num_threads()), "BatchNorm")
+    return gx, sums[:, 0], sums[:, 1]
