@@ -10,8 +10,9 @@ high-water mark (VmHWM: weights, optimizer state, activations and the torch runt
 FLOP/s / that peak, with training FLOPs = 3 x the forward FLOPs of the conv and linear layers
 (``snn.stats.count_flops``) and attention products (22.4 GFLOP per sample at T=4 for
 Spikformer-4-384 at 32x32, see ``train_flops_per_sample``).
-For checkpointing, each segment length is measured and the one with the lowest peak memory is
-reported as best. Ratios compare with the official Spikformer-4-384 (SpikingJelly torch
+For checkpointing, each segment length (and with ``--levels 1 2`` each of
+``checkpoint.time_levels``) is measured and the one with the lowest peak memory is reported as
+best. Ratios compare with the official Spikformer-4-384 (SpikingJelly torch
 backend) measured on the reference machine and with the targets of issue 4. Timings on a
 shared machine are noisy; ``--iters`` trades time for stability.
 """
@@ -97,16 +98,16 @@ def measure(args: argparse.Namespace, log=print) -> dict[str, Any]:
     peak = run_child(dict(kind="peak", threads=args.threads, size=args.peak_size), timeout, env)
     rows: list[dict[str, Any]] = []
 
-    def add(kind: str, steps: int, precision: str, segment: int = 0) -> dict[str, Any]:
-        label = f"{kind} T={steps} {precision}" + (f" k={segment}" if segment else "")
+    def add(kind: str, steps: int, precision: str, segment: int = 0, levels: int = 2) -> dict[str, Any]:
+        label = f"{kind} T={steps} {precision}" + (f" k={segment} levels={levels}" if segment else "")
         log(f"{label} ...")
-        spec = dict(base, kind=kind, steps=steps, precision=precision, segment=segment)
+        spec = dict(base, kind=kind, steps=steps, precision=precision, segment=segment, levels=levels)
         if kind == "infer":
             spec["iters"] = max(args.iters, 3)
         res = run_child(spec, timeout, env)
         flops = train_flops_per_sample(args.model, args.image_size, steps) / (3.0 if kind == "infer" else 1.0)
         img_s = args.batch / res["step_s"]
-        row = dict(kind=kind, steps=steps, precision=precision, segment=segment, img_s=img_s,
+        row = dict(kind=kind, steps=steps, precision=precision, segment=segment, levels=levels, img_s=img_s,
                    peak_mib=res["peak_mib"], gflops=img_s * flops / 1e9, times=res["times"])
         row["util"] = row["gflops"] / peak[f"{precision}_gflops"]
         row["util_fp32"] = row["gflops"] / peak["fp32_gflops"]
@@ -115,7 +116,8 @@ def measure(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
     for steps in args.steps:
         plain = add("train", steps, "fp32")
-        ckpts = [add("train", steps, "fp32", k) for k in args.segments if 0 < k < steps] if args.checkpoint else []
+        ckpts = [add("train", steps, "fp32", k, lv) for k in args.segments for lv in args.levels
+                 if 0 < k < steps] if args.checkpoint else []
         if ckpts:
             best = min(ckpts, key=lambda r: (r["peak_mib"], -r["img_s"]))
             best["best"] = True
@@ -145,7 +147,8 @@ def format_table(result: dict[str, Any]) -> str:
     cells = [cols]
     for r in result["rows"]:
         speed, mem = _vs_official(r)
-        k = str(r["segment"]) + (" (best)" if r.get("best") else "") if r["segment"] else "-"
+        k = (str(r["segment"]) + ("" if r.get("levels", 2) == 2 else " L1") + (" (best)" if r.get("best") else "")
+             if r["segment"] else "-")
         cells.append([r["kind"], str(r["steps"]), r["precision"], k, f"{r['img_s']:.2f}",
                       f"{r['peak_mib']:.0f}", f"{r['gflops']:.1f}", f"{100 * r['util']:.0f}%", speed, mem])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
@@ -185,9 +188,10 @@ def target_lines(result: dict[str, Any]) -> list[str]:
         line(f"checkpointed peak memory T=8 (best k={c8['segment']}) / T=4 (best k={c4['segment']})",
              c8["peak_mib"] / c4["peak_mib"], limit, "{:.3f}x", False)
     for r8 in (r for r in rows if r["steps"] == 8 and r["segment"]):
-        r4 = _find(rows, kind="train", steps=4, precision="fp32", segment=r8["segment"])
+        r4 = _find(rows, kind="train", steps=4, precision="fp32", segment=r8["segment"], levels=r8.get("levels", 2))
         if r4:
-            line(f"checkpointed peak memory T=8 / T=4, both k={r8['segment']}", r8["peak_mib"] / r4["peak_mib"],
+            lv = "" if r8.get("levels", 2) == 2 else ", levels 1"
+            line(f"checkpointed peak memory T=8 / T=4, both k={r8['segment']}{lv}", r8["peak_mib"] / r4["peak_mib"],
                  limit, "{:.3f}x", False)
     if c8 and p4:
         line("checkpointed peak memory T=8 (best k) / plain T=4", c8["peak_mib"] / p4["peak_mib"], limit, "{:.3f}x", False)
@@ -212,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="batch size")
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 8], help="time steps T")
     parser.add_argument("--segments", type=int, nargs="+", default=[1, 2], help="checkpoint segment lengths k")
+    parser.add_argument("--levels", type=int, nargs="+", default=[2], choices=[1, 2],
+                        help="checkpoint levels (checkpoint.time_levels) to measure for each k")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
     parser.add_argument("--iters", type=int, default=2, help="timed steps per run (the fastest counts)")

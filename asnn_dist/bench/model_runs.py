@@ -54,7 +54,7 @@ def _model(spec: dict[str, Any]) -> torch.nn.Module:
     return create_model(
         spec["model"], image_size=spec["image_size"], num_classes=spec["num_classes"],
         encoding=dict(num_steps=spec["steps"], direct_steps=1, scheme="threshold"),
-        time_segment=spec.get("segment", 0),
+        time_segment=spec.get("segment", 0), time_levels=spec.get("levels", 2),
     )
 
 

@@ -134,6 +134,7 @@ class EngineConfig(Section):
 
 class CheckpointConfig(Section):
     time_segment: int = Field(0, ge=0, description="time steps per activation-checkpoint segment (0 = off)")
+    time_levels: Literal[1, 2] = Field(2, description="1: keep every segment boundary state; 2: also group segments (~2 sqrt(n) states, one more forward)")
     every_steps: int = Field(0, ge=0, description="save a training checkpoint every N optimizer steps (0 = each epoch)")
     keep_last: int = Field(2, ge=1, description="training checkpoints kept")
 

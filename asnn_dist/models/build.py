@@ -22,6 +22,7 @@ def model_kwargs(cfg: "ExperimentConfig") -> dict:
         "neuron": cfg.neuron.model_dump(),
         "learnable_readout": cfg.model.learnable_readout,
         "time_segment": cfg.checkpoint.time_segment,
+        "time_levels": cfg.checkpoint.time_levels,
         **cfg.model.options,
     }
 

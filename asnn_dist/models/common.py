@@ -125,23 +125,27 @@ class SpikingClassifier(nn.Module, abc.ABC):
     ``forward`` maps images [B, C, H, W] in [0, 1] to logits [B, K], so a registered model is
     self-contained (the encoder is part of it); ``forward_steps`` returns [T, B, K] for anytime
     accuracy. ``time_segment`` k > 0 checkpoints the body every k steps while gradients are
-    recorded (same values and gradients, less memory); ``pack_spikes`` keeps spike tensors
+    recorded (same values and gradients, less memory; ``time_levels`` 2 also groups the
+    segments, see ``time_checkpoint.py``); ``pack_spikes`` keeps spike tensors
     saved for backward as uint8 (lossless, ``lean.py``).
     """
 
     def __init__(
         self, encoding: Optional[dict[str, Any]], learnable_readout: bool = True,
-        time_segment: int = 0, pack_spikes: bool = True,
+        time_segment: int = 0, pack_spikes: bool = True, time_levels: int = 2,
     ) -> None:
         super().__init__()
         if isinstance(time_segment, bool) or not isinstance(time_segment, int) or time_segment < 0:
             raise ValueError(f"time_segment must be an integer >= 0 (0 = off), got {time_segment!r}")
+        if time_levels not in (1, 2):
+            raise ValueError(f"time_levels must be 1 or 2, got {time_levels!r}")
         enc = {**DEFAULT_ENCODING, **(encoding or {})}
         self.encoder = build_encoder(**enc)
         self.num_steps = self.encoder.num_steps
         self.direct_steps = self.encoder.direct_steps
         self.readout = PerStepReadout(self.num_steps, learnable=learnable_readout)
         self.time_segment = time_segment
+        self.time_levels = time_levels
         self.pack_spikes = bool(pack_spikes)
 
     @abc.abstractmethod
@@ -151,7 +155,8 @@ class SpikingClassifier(nn.Module, abc.ABC):
     def forward_steps(self, images: torch.Tensor) -> torch.Tensor:
         x_seq = self.encoder(images)
         if self.time_segment > 0 and torch.is_grad_enabled():
-            return run_time_segments(self.forward_body, x_seq, self.time_segment, self, self.pack_spikes)
+            return run_time_segments(self.forward_body, x_seq, self.time_segment, self, self.pack_spikes,
+                                     self.time_levels)
         with packing(self.pack_spikes):
             return self.forward_body(x_seq)
 

@@ -30,9 +30,10 @@ class LeNetASNN(SpikingClassifier):
         neuron: Optional[dict[str, Any]] = None,
         learnable_readout: bool = True,
         time_segment: int = 0,
+        time_levels: int = 2,
         pack_spikes: bool = True,
     ) -> None:
-        super().__init__(encoding, learnable_readout, time_segment, pack_spikes)
+        super().__init__(encoding, learnable_readout, time_segment, pack_spikes, time_levels)
         if image_size % 8:
             raise ValueError(f"image_size must be a multiple of 8 (three 2x2 pools), got {image_size}")
         T = self.num_steps

@@ -141,9 +141,10 @@ class Spikformer(SpikingClassifier):
         neuron: Optional[dict[str, Any]] = None,
         learnable_readout: bool = True,
         time_segment: int = 0,
+        time_levels: int = 2,
         pack_spikes: bool = True,
     ) -> None:
-        super().__init__(encoding, learnable_readout, time_segment, pack_spikes)
+        super().__init__(encoding, learnable_readout, time_segment, pack_spikes, time_levels)
         if len(pools) != 4:
             raise ValueError(f"pools needs 4 flags (one per SPS conv), got {list(pools)}")
         if dim % 8:

@@ -63,9 +63,10 @@ class SpikingResNet(SpikingClassifier):
         neuron: Optional[dict[str, Any]] = None,
         learnable_readout: bool = True,
         time_segment: int = 0,
+        time_levels: int = 2,
         pack_spikes: bool = True,
     ) -> None:
-        super().__init__(encoding, learnable_readout, time_segment, pack_spikes)
+        super().__init__(encoding, learnable_readout, time_segment, pack_spikes, time_levels)
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {list(STEMS)}, got {stem!r}")
         if len(layers) != len(widths) or not layers:

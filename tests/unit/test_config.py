@@ -68,6 +68,15 @@ def test_bad_literal_names_allowed_values():
     assert "engine.zero_stage" in msg and "5" in msg and "0, 1, 2 or 3" in msg
 
 
+def test_time_levels_reach_the_model_and_are_checked():
+    from asnn_dist.models.build import model_kwargs
+
+    cfg = load_config(None, ["checkpoint.time_segment=1", "checkpoint.time_levels=1"])
+    assert model_kwargs(cfg)["time_levels"] == 1 and load_config(None).checkpoint.time_levels == 2
+    with pytest.raises(ConfigError, match=r"checkpoint.time_levels: bad value 3.*1 or 2"):
+        load_config(None, ["checkpoint.time_levels=3"])
+
+
 def test_bad_scheme_value():
     with pytest.raises(ConfigError, match=r"encoding.scheme: bad value 'temporal'.*'direct', 'threshold', 'bitplane' or 'rate'"):
         load_config(None, ["encoding.scheme=temporal"])

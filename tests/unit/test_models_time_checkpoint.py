@@ -53,11 +53,11 @@ def batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("segment", [1, 2, T])
-def test_checkpointed_training_step_equals_plain(name, segment):
+@pytest.mark.parametrize("segment,levels", [(1, 2), (1, 1), (2, 2), (T, 2)])
+def test_checkpointed_training_step_equals_plain(name, segment, levels):
     plain = build(name)
     ckpt = copy.deepcopy(plain)
-    ckpt.time_segment = segment
+    ckpt.time_segment, ckpt.time_levels = segment, levels
     x, y = batch()
     ref, got = train_step(plain, x, y), train_step(ckpt, x, y)
     assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
@@ -101,6 +101,24 @@ def test_eval_and_no_grad_run_plainly_and_agree():
     assert seen == [None]  # no grad: one plain multi-step pass
     assert torch.allclose(model(x), out, atol=1e-12)  # grad recorded: checkpointed, same values
     assert len(seen) == 1 + T and all(w is not None for w in seen[1:])
+
+
+def test_two_levels_keep_fewer_boundary_states():
+    """T=8, k=1: one level keeps 7 boundary states; two (groups of 3 segments) at most 3, so
+    the step's peak falls although it recomputes more."""
+    from asnn_dist.bench.neurons import peak_bytes
+
+    enc = dict(num_steps=8, direct_steps=1, scheme="threshold")
+    torch.manual_seed(0)
+    flat = create_model("spikformer_tiny", in_channels=1, image_size=16, encoding=enc, dim=64, time_segment=1,
+                        time_levels=1)
+    grouped = copy.deepcopy(flat)
+    grouped.time_levels = 2
+    x = torch.rand(16, 1, 16, 16)
+    peaks = [peak_bytes(lambda m=m: m(x).sum().backward()) for m in (flat, grouped)]
+    assert peaks[1] < 0.8 * peaks[0]
+    with pytest.raises(ValueError, match="time_levels"):
+        create_model("spikformer_tiny", encoding=enc, time_segment=1, time_levels=3)
 
 
 def test_window_offsets_reach_every_step():
