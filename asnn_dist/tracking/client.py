@@ -1,11 +1,16 @@
 """MLflow access with retries: reachability check up front, logging that never kills training.
 
 Only world rank 0 and the driver talk to MLflow, always through a tracking URI (design rule).
+The training worker logs through ``BackgroundRunLogger``: its calls return at once and one
+thread sends them, in order, with ``RunLogger``'s retries; ``flush`` waits until everything
+queued before it has been sent (the worker flushes before every checkpoint and at the end).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from typing import Any, Callable, Optional, TypeVar
 
@@ -50,21 +55,28 @@ def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
         raise ServiceError(f"cannot open MLflow tracking store {redact_uri(uri)}: {exc}") from None
 
 
-def with_retries(fn: Callable[[], R], what: str, attempts: int = 4, base_delay_s: float = 0.5) -> Optional[R]:
-    """Run ``fn`` with exponential backoff; after the last failure log once and return None."""
+def with_retries(fn: Callable[[], R], what: str, attempts: int = 4, base_delay_s: float = 0.5,
+                 report: bool = True) -> Optional[R]:
+    """Run ``fn`` with exponential backoff; after the last failure log (a warning, or a debug
+    line when ``report`` is False) and return None."""
     for i in range(attempts):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 (tracking must never kill training)
             if i == attempts - 1:
-                log.warning("MLflow %s failed after %d attempts, continuing without it: %s", what, attempts, exc)
+                log.log(logging.WARNING if report else logging.DEBUG,
+                        "MLflow %s failed after %d attempts, continuing without it: %s", what, attempts, exc)
                 return None
             time.sleep(base_delay_s * (2**i))
     return None
 
 
 class RunLogger:
-    """Log into one existing MLflow run; failures are retried, reported once, never raised."""
+    """Log into one existing MLflow run; failures are retried, reported once, never raised.
+
+    The first failed call is retried with backoff (4 attempts) and reported as one warning;
+    after it, every call is tried once and a failure is only a debug line (``failures`` counts
+    the calls that failed), so a dead server costs neither backoff nor log spam on every step."""
 
     def __init__(self, uri: str, run_id: str) -> None:
         from mlflow.tracking import MlflowClient
@@ -73,22 +85,32 @@ class RunLogger:
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri=uri)
         self._failed_once = False
+        self.failures = 0
 
     def _send(self, what: str, fn: Callable[[], Any]) -> None:
         def call() -> bool:
             fn()
             return True
 
-        # After one reported failure, stop paying the backoff on every step.
-        if with_retries(call, what, attempts=1 if self._failed_once else 4) is None:
+        # After one reported failure, stop paying the backoff (and reporting) on every step.
+        first = not self._failed_once
+        if with_retries(call, what, attempts=4 if first else 1, report=first) is None:
             self._failed_once = True
+            self.failures += 1
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    @staticmethod
+    def metric_batch(metrics: dict[str, float], step: int, timestamp_ms: Optional[int] = None) -> list:
+        """MLflow ``Metric`` entities, stamped now (or ``timestamp_ms``); values made float here."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+        return [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+    def log_metric_batch(self, batch: list) -> None:
         self._send("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.log_metric_batch(self.metric_batch(metrics, step))
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -103,3 +125,115 @@ class RunLogger:
 
     def set_tag(self, key: str, value: str) -> None:
         self._send("set_tag", lambda: self.client.set_tag(self.run_id, key, value))
+
+
+_CLOSE = object()
+MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
+
+
+class BackgroundRunLogger:
+    """``RunLogger``'s calls on one background thread, so that the training loop never waits
+    for MLflow (a call to a local SQLite store takes milliseconds; to a remote server, or one
+    that fails and is retried with backoff, much longer).
+
+    - Order: one thread sends the calls first in, first out. Metric calls waiting in the queue
+      together go out as one ``log_batch`` (at most 1000 metrics, in their order); each keeps
+      the timestamp of the moment it was logged, not of the send.
+    - Nothing lost: the queue is bounded (``max_pending`` calls); when it is full, a call waits
+      for room (the loop then runs at MLflow's pace, as a synchronous logger would) rather than
+      dropping metrics. ``flush`` returns when every call made before it has been sent (or has
+      failed); ``close`` flushes and stops the thread. Values are converted to float when
+      logged, so a bad value raises in the caller, as before.
+    - Failures: ``RunLogger``'s semantics (first failure retried with backoff, reported once,
+      later ones tried once; never raised). An unexpected error in the thread is reported once
+      too and the thread goes on with the next call.
+    """
+
+    def __init__(self, logger: RunLogger, max_pending: int = 256) -> None:
+        self.logger = logger
+        self.run_id = logger.run_id
+        self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=max_pending)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="mlflow-background-logger", daemon=True)
+        self._thread.start()
+
+    # ---- the RunLogger interface (all return at once) ----------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._put(("metrics", RunLogger.metric_batch(metrics, step)))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._put(("call", lambda: self.logger.set_tag(key, value)))
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self._put(("call", lambda: self.logger.log_params(params)))
+
+    def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
+        self._put(("call", lambda: self.logger.log_artifact(path, artifact_path)))
+
+    @property
+    def failures(self) -> int:
+        return self.logger.failures
+
+    # ---- flushing ----------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Wait until every call made before this one has been sent (or has failed)."""
+        if self._thread.is_alive():
+            self._queue.join()
+
+    def close(self) -> None:
+        """Flush and stop the thread (idempotent); later calls are sent synchronously."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive():
+            self._queue.put(_CLOSE)
+            self._thread.join()
+
+    def __enter__(self) -> "BackgroundRunLogger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the thread --------------------------------------------------------------------------
+    def _put(self, item: tuple[str, Any]) -> None:
+        if self._closed or not self._thread.is_alive():
+            self._send(item)  # after close: no thread left to hand it to
+            return
+        self._queue.put(item)
+
+    def _run(self) -> None:
+        reported = False
+        while True:
+            item = self._queue.get()
+            done = 1
+            try:
+                if item is _CLOSE:
+                    return
+                if item[0] == "metrics":  # coalesce metric calls already waiting, in order
+                    batch = list(item[1])
+                    while len(batch) < MAX_METRICS_PER_CALL:
+                        try:
+                            nxt = self._queue.queue[0]  # peek (only this thread takes items)
+                        except IndexError:
+                            break
+                        if nxt is _CLOSE or nxt[0] != "metrics" or len(batch) + len(nxt[1]) > MAX_METRICS_PER_CALL:
+                            break
+                        batch += self._queue.get_nowait()[1]
+                        done += 1
+                    item = ("metrics", batch)
+                self._send(item)
+            except Exception as exc:  # noqa: BLE001 (tracking must never kill training)
+                if not reported:
+                    log.warning("MLflow background logging: unexpected error, continuing: %s", exc)
+                    reported = True
+            finally:
+                for _ in range(done):
+                    self._queue.task_done()
+
+    def _send(self, item: tuple[str, Any]) -> None:
+        kind, payload = item
+        if kind == "metrics":
+            self.logger.log_metric_batch(payload)
+        else:
+            payload()

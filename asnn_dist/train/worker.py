@@ -3,7 +3,10 @@
 Every rank builds the model and its DeepSpeed engine, streams its share of the shards, trains,
 evaluates (sums all-reduced so each sample counts once), saves its part of the checkpoint and
 calls ``ray.train.report`` on the same cadence (the report is a barrier: the cadence depends
-only on step counts, never on rank-local state). Only world rank 0 talks to MLflow.
+only on step counts, never on rank-local state). Only world rank 0 talks to MLflow, through a
+background logger (``tracking.client.BackgroundRunLogger``): the loop never waits for MLflow;
+the logger is flushed before every checkpoint (so MLflow holds every metric up to the step a
+resumed run continues from) and at the end.
 
 Resume is exact: a checkpoint stores DeepSpeed's state (weights, optimizer, ZeRO partitions),
 the loop position (epoch, optimizer step, micro batches consumed in the epoch) and every
@@ -105,9 +108,9 @@ class Trainer:
         self.state = LoopState()
         self.logger = None
         if self.rank == 0 and run_id:
-            from asnn_dist.tracking.client import RunLogger
+            from asnn_dist.tracking.client import BackgroundRunLogger, RunLogger
 
-            self.logger = RunLogger(cfg.tracking.uri, run_id)
+            self.logger = BackgroundRunLogger(RunLogger(cfg.tracking.uri, run_id))
 
     # ---- checkpoints ------------------------------------------------------------------
     def restore(self) -> bool:
@@ -129,6 +132,8 @@ class Trainer:
         from ray.train import Checkpoint
 
         average_buffers(self.engine.module)  # the saved (rank-0) buffers stand for all ranks
+        if self.logger is not None:
+            self.logger.flush()  # MLflow holds everything up to this checkpoint's step
         with tempfile.TemporaryDirectory(prefix="asnn-ckpt-") as folder:
             ckpt.save_training_checkpoint(self.engine, folder, self.rank, asdict(self.state))
             if final:
@@ -222,6 +227,11 @@ class Trainer:
         if bar is not None:
             bar.close()
 
+    def close(self) -> None:
+        """Send what the background MLflow logger still holds (also after a failure)."""
+        if self.logger is not None:
+            self.logger.close()
+
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
@@ -230,5 +240,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = ExperimentConfig.model_validate(loop_config["config"])
     logging.getLogger("ray.train").setLevel(cfg.run.log_level)
     trainer = Trainer(cfg, loop_config.get("mlflow_run_id"))
-    trainer.restore()
-    trainer.run()
+    try:
+        trainer.restore()
+        trainer.run()
+    finally:
+        trainer.close()

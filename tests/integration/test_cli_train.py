@@ -35,6 +35,15 @@ def test_train_cli_sqlite_registers_champion(tmp_path, digits_shards):
 
     cfg = load_config(saved)
     assert cfg.run.name == "cli-run" and cfg.model.name == "lenet_asnn_tiny"
+    # Rank 0's background MLflow logger delivered every per-step log, in order, before the end.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    total = int(run.data.metrics["global_step"])
+    history = sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.timestamp)
+    assert total >= 20 and [m.step for m in history] == list(range(10, total + 1, 10))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [total]
 
 
 def test_unreachable_mlflow_fails_before_training(tmp_path, digits_shards):
