@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from asnn_dist.config import ExperimentConfig
 from asnn_dist.train import checkpointing as ckpt
-from asnn_dist.train.deepspeed_config import build_engine
+from asnn_dist.train.deepspeed_config import build_engine, run_stage
 from asnn_dist.train.metrics import average_buffers, evaluate_with_stats, learned_param_summary, mean_across_ranks
 from asnn_dist.train.schedule import lr_at
 
@@ -111,6 +111,9 @@ class Trainer:
             from asnn_dist.tracking.client import BackgroundRunLogger, RunLogger
 
             self.logger = BackgroundRunLogger(RunLogger(cfg.tracking.uri, run_id))
+            stage = run_stage(cfg, self.world)
+            if stage != cfg.engine.zero_stage:  # deepspeed_config: one rank runs ZeRO-1/2 as 0
+                self.logger.set_tag("asnn.zero_stage_run", str(stage))
 
     # ---- checkpoints ------------------------------------------------------------------
     def restore(self) -> bool:
