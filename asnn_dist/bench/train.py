@@ -28,8 +28,12 @@ Beside the rates: CPU and system seconds per epoch (training + evaluation, for t
 also checkpoint + report, sampled from outside with psutil), which tell extra work from
 waiting for a core; the CPU share the Ray worker got and the share Ray's other processes took;
 the wall time per Ray epoch outside the rate (evaluation, checkpoint, ``ray.train.report``);
-and the cost of one MLflow ``log_metrics`` call on the same store, which the worker makes
-synchronously inside its training loop.
+and the cost of one MLflow ``log_metrics`` call on the same store, synchronous and as the
+worker makes it inside its training loop (handed to its background logger).
+
+With one worker, the configured ZeRO-1/2 runs as stage 0 where that trains the same weights
+(``deepspeed_config.run_stage``: fp32, adamw/sgd, no clipping, CPU); the side names say so
+("ZeRO-2 as 0"). Both DeepSpeed sides go through ``build_engine`` and get it, as a user's run does.
 """
 
 from __future__ import annotations
@@ -68,6 +72,14 @@ class SideResult:
     cpu_s: list[float] = field(default_factory=list)  # per epoch: training + evaluation (+ report)
     sys_s: list[float] = field(default_factory=list)  # the system (kernel) part of cpu_s
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def stage_label(cfg: "ExperimentConfig") -> str:
+    """'ZeRO-2', or 'ZeRO-2 as 0' where one rank runs as stage 0 (``deepspeed_config.run_stage``)."""
+    from asnn_dist.train.deepspeed_config import run_stage
+
+    stage = run_stage(cfg, 1)
+    return f"ZeRO-{cfg.engine.zero_stage}" + (f" as {stage}" if stage != cfg.engine.zero_stage else "")
 
 
 def bench_config(workdir: str, epochs: int, zero_stage: int, model: str,
@@ -187,7 +199,7 @@ def local_deepspeed_side(cfg: "ExperimentConfig") -> LocalSide:
         engine.step()
         return float(loss.detach())
 
-    side = LocalSide(cfg, f"{LOCAL_DS} (ZeRO-{cfg.engine.zero_stage})", engine.module, step)
+    side = LocalSide(cfg, f"{LOCAL_DS} ({stage_label(cfg)})", engine.module, step)
     side.result.extra["engine"] = engine
     return side
 
@@ -247,16 +259,20 @@ def run_ray(cfg: "ExperimentConfig", env: Optional[dict[str, str]] = None) -> Si
     import ray
     from mlflow.tracking import MlflowClient
 
-    from asnn_dist.train.launcher import WORKER_ENV, run_training
+    from asnn_dist.train.launcher import local_ray_init_kwargs, run_training
 
     started_here = not ray.is_initialized()
     t0 = time.perf_counter()
     if started_here and not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")):
         # init_ray's local instance, without forwarding the workers' logs into the report
-        ray.init(num_cpus=max(os.cpu_count() or 1, 2), runtime_env={"env_vars": {**WORKER_ENV, **(env or {})}},
-                 log_to_driver=False, configure_logging=False)
+        kwargs = local_ray_init_kwargs(cfg, log_to_driver=False)
+        kwargs["num_cpus"] = max(kwargs["num_cpus"], 2)
+        kwargs["runtime_env"]["env_vars"].update(env or {})
+        ray.init(**kwargs)
     try:
-        with CpuSampler() as sampler:
+        # 1 s samples: at 0.2 s the sampler itself took ~2.6% of a core from the run it measures
+        # (~0.6% at 1 s); CPU use is steady within an epoch, so interpolation stays accurate.
+        with CpuSampler(interval_s=1.0) as sampler:
             out = run_training(cfg)
     finally:
         if started_here and ray.is_initialized():
@@ -269,7 +285,7 @@ def run_ray(cfg: "ExperimentConfig", env: Optional[dict[str, str]] = None) -> Si
     per_epoch = sorted((m.timestamp, m.value) for m in
                        client.get_metric_history(out.mlflow_run_id, "train_images_per_s")
                        if (m.step, m.timestamp) in ends)
-    res = SideResult(f"{RAY} (ZeRO-{cfg.engine.zero_stage})", rates=[v for _, v in per_epoch])
+    res = SideResult(f"{RAY} ({stage_label(cfg)})", rates=[v for _, v in per_epoch])
     stamps = [t / 1000.0 for t, _ in per_epoch]
     # Between consecutive epoch-end logs: report + checkpoint, training, evaluation (epochs >= 1).
     windows = list(zip(stamps, stamps[1:]))
@@ -283,23 +299,31 @@ def run_ray(cfg: "ExperimentConfig", env: Optional[dict[str, str]] = None) -> Si
     return res
 
 
-def mlflow_log_cost(cfg: "ExperimentConfig", calls: int = 20) -> float:
-    """Median seconds of one RunLogger.log_metrics call (the worker's per-step log) on the store."""
+def mlflow_log_cost(cfg: "ExperimentConfig", calls: int = 20) -> tuple[float, float]:
+    """Median seconds of one per-step log of the worker's metrics on the store: a synchronous
+    ``RunLogger.log_metrics`` call (MLflow's own cost), and the ``BackgroundRunLogger`` call the
+    worker makes in its loop (spaced like the worker's calls, so each finds the thread idle)."""
     from mlflow.tracking import MlflowClient
 
-    from asnn_dist.tracking.client import RunLogger
+    from asnn_dist.tracking.client import BackgroundRunLogger, RunLogger
 
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     run = client.create_run(exp.experiment_id, run_name="bench-train-log-cost")
     logger = RunLogger(cfg.tracking.uri, run.info.run_id)
-    times = []
+    sync, background = [], []
     for i in range(calls):
         t0 = time.perf_counter()
         logger.log_metrics({"train_loss": 1.0 / (i + 1), "lr": 1e-3, "train_images_per_s": 100.0 + i}, i)
-        times.append(time.perf_counter() - t0)
+        sync.append(time.perf_counter() - t0)
+    with BackgroundRunLogger(logger) as bg:
+        for i in range(calls):
+            t0 = time.perf_counter()
+            bg.log_metrics({"train_loss": 1.0 / (i + 1), "lr": 1e-3, "train_images_per_s": 100.0 + i}, calls + i)
+            background.append(time.perf_counter() - t0)
+            bg.flush()
     client.set_terminated(run.info.run_id)
-    return median(times)
+    return median(sync), median(background)
 
 
 # ---- orchestration and report ----------------------------------------------------------------
@@ -309,7 +333,8 @@ class Report:
     train_samples: int
     steps_per_epoch: int
     log_every_steps: int
-    log_call_s: float
+    log_call_s: float  # one synchronous RunLogger.log_metrics call
+    log_enqueue_s: float  # the worker's BackgroundRunLogger.log_metrics call
     load: tuple[float, float]
 
     def rate(self, prefix: str) -> float:
@@ -335,8 +360,9 @@ def run_benchmark(workdir: str, epochs: int = 6, local_epochs: int = 4, zero_sta
         sides.append(run_ray(cfg, env))
         sides += run_local_block_process(local_cfg, local_epochs, local_deepspeed, env)
     train = _make_loaders(cfg, 0, 1)[0]
+    log_s = mlflow_log_cost(cfg)
     return Report(sides, train.manifest.num_samples, len(train) // cfg.optim.grad_accum_steps,
-                  cfg.run.log_every_steps, mlflow_log_cost(cfg), (load_before, os.getloadavg()[0]))
+                  cfg.run.log_every_steps, log_s[0], log_s[1], (load_before, os.getloadavg()[0]))
 
 
 def format_report(rep: Report) -> str:
@@ -366,9 +392,11 @@ def format_report(rep: Report) -> str:
                      f"{100 * ray.extra['others_core']:.0f}% of a core")
     calls = rep.steps_per_epoch // rep.log_every_steps
     plain_s = rep.train_samples / plain
-    lines.append(f"MLflow log_metrics on SQLite: {1000 * rep.log_call_s:.1f} ms a call; run.log_every_steps="
+    lines.append(f"MLflow log_metrics on SQLite: {1000 * rep.log_call_s:.1f} ms a synchronous call, "
+                 f"{1000 * rep.log_enqueue_s:.2f} ms for the worker (background logger); run.log_every_steps="
                  f"{rep.log_every_steps} makes {calls} calls per {rep.steps_per_epoch}-step epoch inside the "
-                 f"timed loop = {100 * calls * rep.log_call_s / plain_s:.1f}% of a plain epoch ({plain_s:.2f} s)")
+                 f"timed loop = {100 * calls * rep.log_enqueue_s / plain_s:.2f}% of a plain epoch ({plain_s:.2f} s; "
+                 f"synchronous: {100 * calls * rep.log_call_s / plain_s:.1f}%)")
     lines.append(f"1-min load average before/after: {rep.load[0]:.2f}/{rep.load[1]:.2f} "
                  f"({os.cpu_count()} CPUs; above ~1 other work shared the cores and the rates are noisy)")
     return "\n".join(lines)

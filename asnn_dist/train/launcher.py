@@ -55,6 +55,35 @@ def prepare_data(cfg: ExperimentConfig) -> None:
         load_manifest(f"{cfg.data.root}/{split}.manifest.json")
 
 
+# Ray system settings of the local instance that ``asnn-dist train`` starts itself (never of a
+# cluster it connects to: ``ray start`` / ``ray job submit`` set up their own). Both only cut
+# background work that a one-machine run does not use, measured in ``asnn-dist bench train``:
+# - enable_metrics_collection: every Ray process records and exports Prometheus metrics, and the
+#   dashboard agent samples every process for them, every few seconds; a local instance has no
+#   Prometheus scraping it. The dashboard itself (its state API, which Ray Train's
+#   placement-group cleaner and ``ray list actors`` use, and its token auth) stays.
+# - prestart_worker_first_driver: Ray starts one idle worker process per CPU for the driver's
+#   first tasks; Ray Train starts its actors itself, and the idle ones each poll all run long.
+# Set RAY_<name> in the environment (e.g. RAY_enable_metrics_collection=1) to keep Ray's default.
+LOCAL_RAY_SYSTEM_CONFIG: dict[str, Any] = {"enable_metrics_collection": False, "prestart_worker_first_driver": False}
+
+
+def worker_runtime_env(cfg: ExperimentConfig) -> dict[str, Any]:
+    env_vars = dict(WORKER_ENV)
+    if not cfg.run.use_gpu:  # CPU runs: skip DeepSpeed's accelerator probing (and its warning)
+        env_vars["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
+    return {"env_vars": env_vars}
+
+
+def local_ray_init_kwargs(cfg: ExperimentConfig, log_to_driver: bool = True) -> dict[str, Any]:
+    """``ray.init`` keywords of the local instance ``init_ray`` starts (also used by ``bench train``)."""
+    need = int(cfg.run.num_workers * cfg.run.cpus_per_worker + 0.999)
+    system = {k: v for k, v in LOCAL_RAY_SYSTEM_CONFIG.items() if f"RAY_{k}" not in os.environ}
+    # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
+    return dict(num_cpus=max(os.cpu_count() or 1, need), runtime_env=worker_runtime_env(cfg),
+                log_to_driver=log_to_driver, configure_logging=False, _system_config=system)
+
+
 def init_ray(cfg: ExperimentConfig) -> None:
     """Connect to RAY_ADDRESS / run.ray_address, or start a local instance sized for the run."""
     import ray
@@ -62,17 +91,10 @@ def init_ray(cfg: ExperimentConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    env_vars = dict(WORKER_ENV)
-    if not cfg.run.use_gpu:  # CPU runs: skip DeepSpeed's accelerator probing (and its warning)
-        env_vars["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
-    env = {"env_vars": env_vars}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=worker_runtime_env(cfg), log_to_driver=True)
         return
-    need = int(cfg.run.num_workers * cfg.run.cpus_per_worker + 0.999)
-    # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), runtime_env=env, log_to_driver=True,
-             configure_logging=False)
+    ray.init(**local_ray_init_kwargs(cfg))
 
 
 RUN_NAME_TAG = "asnn.run_name"

@@ -76,7 +76,13 @@ def test_bench_train_tiny(tmp_path) -> None:
     assert ray.extra["final_rate"] == pytest.approx(ray.rates[-1])
     assert 0 < ray.extra["worker_core"] < 1.5  # one thread per worker (plus Ray's own threads)
     assert rep.train_samples > 1000 and rep.steps_per_epoch == -(-rep.train_samples // 64)
-    assert rep.log_call_s > 0
+    assert rep.log_call_s > 0 and rep.log_enqueue_s > 0
+    # one worker: the engines ran ZeRO-2 as ZeRO-0 (deepspeed_config.run_stage), and said so
+    assert all(s.name.endswith("(ZeRO-2 as 0)") for s in rep.sides if not s.name.startswith(bench_train.PLAIN))
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(ray.extra["run_id"]).data.tags
+    assert tags["asnn.zero_stage_run"] == "0"
     text = bench_train.format_report(rep)
     assert "overhead vs plain" in text and "MLflow log_metrics" in text
     assert not dist.is_initialized()  # the benchmark's local process group is gone
