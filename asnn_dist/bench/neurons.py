@@ -22,6 +22,10 @@ What is measured, per layer shape and T, all fp32 on the current device (CPU her
   forward (``torch.autograd.graph.saved_tensors_hooks``); the layer input is included since
   in a network it is another layer's output kept alive only for this layer.
 Layers: Spikformer-sized [T, 32, 64 tokens, 384 ch] and conv-sized [T, 32, 128, 16, 16].
+Allocator: by default this process gets the glibc malloc thresholds the training workers run
+with (``train.launcher.WORKER_ENV``), so freed layer-sized buffers are reused instead of being
+unmapped and faulted in again on every call (which costs about as much as the C kernel's
+work); ``--malloc default`` keeps glibc's defaults.
 
 A lone neuron layer's peak is dominated by its output and its input gradient, which every
 implementation must allocate (2 of the loop's ~2.9 layer-sized tensors), so alone it cannot
@@ -227,6 +231,25 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def use_worker_malloc() -> bool:
+    """Apply the training workers' glibc malloc thresholds to this process (mallopt)."""
+    import ctypes
+    import ctypes.util
+
+    from asnn_dist.train.launcher import WORKER_ENV
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameters
+    return bool(libc.mallopt(m_mmap_threshold, int(WORKER_ENV["MALLOC_MMAP_THRESHOLD_"]))
+                and libc.mallopt(m_trim_threshold, int(WORKER_ENV["MALLOC_TRIM_THRESHOLD_"])))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16], help="time steps T")
@@ -234,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
+    parser.add_argument("--malloc", choices=["worker", "default"], default="worker",
+                        help="glibc malloc thresholds: the training workers' (default) or glibc's own")
     parser.add_argument("--stack", type=int, default=4,
                         help="also measure a stack of this many Linear+neuron blocks (0 = off)")
     args = parser.parse_args(argv)
@@ -241,10 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps values and --repeats must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    malloc = "worker malloc thresholds" if args.malloc == "worker" and use_worker_malloc() else "default malloc"
     rows = run(tuple(args.steps), args.repeats, args.stack)
     kernel = "C kernel" if native.enabled() else "C kernel unavailable: torch ops"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, fwd+bwd; fused = {kernel}, "
-          "ops = the fused kernel's torch-op path")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, fwd+bwd, {malloc}; "
+          f"fused = {kernel}, ops = the fused kernel's torch-op path")
     print(format_table(rows))
     lines = target_lines(rows)
     if lines:
