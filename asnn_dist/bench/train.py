@@ -21,8 +21,11 @@ run (``--repeats``); medians pool all blocks. Each block runs in a fresh Python 
 the Ray worker and a user's script do: glibc's malloc state matters here. A fresh process
 unmaps freed blocks above its (dynamic) mmap threshold and faults them in again on every step
 (system CPU); once any block of tens of MB has been freed, e.g. after ``ray.init`` in this
-process, the threshold is raised and the same loop runs 25-40 % faster. ``--malloc-env``
-gives every side ``MALLOC_ENV`` (fixed thresholds) to measure that regime.
+process, the threshold is raised and the same loop runs 25-40 % faster. So by default every
+side runs with the fixed thresholds the training workers get (``MALLOC_ENV``, from
+``train.launcher.WORKER_ENV``): the same allocator regime on both sides of the ratio.
+``--malloc default`` gives the local sides glibc's defaults instead (the Ray worker keeps its
+thresholds, so that run mixes regimes).
 
 Beside the rates: CPU and system seconds per epoch (training + evaluation, for the Ray worker
 also checkpoint + report, sampled from outside with psutil), which tell extra work from
@@ -50,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from asnn_dist.bench.common import (CpuSampler, close_local_group, format_table, local_group, median,
                                     quiet_libraries)
+from asnn_dist.train.launcher import WORKER_ENV
 
 if TYPE_CHECKING:
     from torch import nn
@@ -58,7 +62,7 @@ if TYPE_CHECKING:
 
 PLAIN, LOCAL_DS, RAY = "plain pytorch", "deepspeed, no Ray", "Ray Train + deepspeed"
 # fixed glibc thresholds: freed memory stays mapped instead of faulting in again every step
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20)}
+MALLOC_ENV = {k: v for k, v in WORKER_ENV.items() if k.startswith("MALLOC_")}
 RESULT_TAG = "ASNN_BENCH_BLOCK "
 
 
@@ -344,7 +348,7 @@ class Report:
 
 def run_benchmark(workdir: str, epochs: int = 6, local_epochs: int = 4, zero_stage: int = 2,
                   model: str = "lenet_asnn", overrides: Sequence[str] = (), local_deepspeed: bool = True,
-                  repeats: int = 1, malloc_env: bool = False) -> Report:
+                  repeats: int = 1, malloc_env: bool = True) -> Report:
     """Local block, then ``repeats`` x (Ray run, local block); every side's per-epoch numbers.
     Each local block runs in a fresh process; ``malloc_env`` gives every side ``MALLOC_ENV``."""
     from asnn_dist.train.worker import _make_loaders
@@ -418,9 +422,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="further config overrides, e.g. optim.micro_batch_size=64 run.log_every_steps=1000")
     parser.add_argument("--no-local-deepspeed", dest="local_deepspeed", action="store_false",
                         help="skip the in-process DeepSpeed side (Ray vs plain only)")
-    parser.add_argument("--malloc-env", action="store_true",
-                        help="run every side with " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
-                        + " (glibc keeps freed memory: no page faults per step)")
+    parser.add_argument("--malloc", choices=["worker", "default"], default="worker",
+                        help="local sides' glibc malloc: the workers' " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
+                        + " (default: no page faults per step, as in the Ray worker) or glibc's defaults")
     parser.add_argument("--workdir", default=None,
                         help="keep shards, mlflow.db and Ray results here (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -428,10 +432,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error("--epochs and --local-epochs must be >= 2 (epoch 0 is warm-up), --repeats >= 1")
     with tempfile.TemporaryDirectory(prefix="asnn-bench-train-") as tmp:
         rep = run_benchmark(args.workdir or tmp, args.epochs, args.local_epochs, args.zero_stage, args.model,
-                            args.overrides, args.local_deepspeed, args.repeats, args.malloc_env)
+                            args.overrides, args.local_deepspeed, args.repeats, args.malloc == "worker")
     print(f"one worker, {args.model}, ZeRO-{args.zero_stage}, fp32 AdamW, {rep.train_samples} training samples, "
           f"{rep.steps_per_epoch} steps per epoch, 1 thread per side, glibc malloc "
-          + ("with MALLOC_ENV" if args.malloc_env else "defaults"))
+          + ("with the workers' thresholds on every side" if args.malloc == "worker" else "defaults on the local sides"))
     print(format_report(rep))
     return 0
 
