@@ -19,7 +19,8 @@
  *   g_h = g_s sg + g_v dv/dh     (dv/dh = 1 soft, 1 - s hard)
  *   dx[t] = gain[t] g_h;  dgain[t] = <g_h, x[t]>;  dleak[t] = <g_h, v[t-1]>;
  *   dthr = sum_t -<g_s, sg> (- <g_v, s[t]> soft);  g_v(t-1) = leak[t] g_h;  dv0 = leak[0] g_h[0].
- * Parameter gradients are accumulated in double, in a fixed order (per thread, then threads in
+ * Parameter gradients are summed per block of BLK elements in the element type (vectorised),
+ * then in double over blocks and threads, in a fixed order (per thread, then threads in
  * order), so results are deterministic for a given thread count.
  */
 #include <math.h>
@@ -151,12 +152,13 @@ static inline double exp_neg_abs_d(double a) {
     /* Reverse sweep of step t for m elements; sur/hard/detach are literals at every call     \
      * site (see backward), so each combination compiles to its own branch-free vector loop. \
      * The parameter sums of the step are reduced in the same loop (omp simd: a fixed order   \
-     * for a given build, so results are reproducible). vp: v[t-1] (zeros at rest).          */ \
+     * for a given build, so results are reproducible), in the element type over one block;  \
+     * callers add the block sums in double. vp: v[t-1] (zeros at rest).                      */ \
     static inline __attribute__((always_inline)) void reverse_##SUFFIX(                               \
         int64_t m, const REAL *restrict ht, const REAL *restrict got, const REAL *restrict xt,         \
         const REAL *restrict vp, REAL *restrict gxt, REAL *restrict gvv, REAL g, REAL l, REAL thr,     \
         REAL alpha, double *restrict sums, const int sur, const int hard, const int detach) {          \
-        double s_gain = 0, s_leak = 0, s_thr = 0;                                                      \
+        REAL s_gain = 0, s_leak = 0, s_thr = 0;                                                      \
         _Pragma("omp simd reduction(+ : s_gain, s_leak, s_thr)")                                      \
         for (int64_t i = 0; i < m; ++i) {                                                              \
             REAL h = ht[i], gv = gvv[i];                                                               \
@@ -166,9 +168,9 @@ static inline double exp_neg_abs_d(double a) {
             REAL gh = gs * sg + (hard ? gv * ((REAL)1 - s) : gv);                                      \
             gvv[i] = l * gh;                                                                           \
             gxt[i] = g * gh;                                                                           \
-            s_gain += (double)gh * (double)xt[i];                                                      \
-            s_leak += (double)gh * (double)vp[i];                                                      \
-            s_thr += (double)(gs * sg) + (hard ? 0.0 : (double)(gv * s));                              \
+            s_gain += gh * xt[i];                                                      \
+            s_leak += gh * vp[i];                                                      \
+            s_thr += gs * sg + (hard ? (REAL)0 : gv * s);                              \
         }                                                                                              \
         sums[0] += s_gain;                                                                             \
         sums[1] += s_leak;                                                                             \
