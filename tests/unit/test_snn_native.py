@@ -135,3 +135,16 @@ def test_surrogates_of_the_c_kernel_match_torch_over_the_whole_range():
                 (g,) = torch.autograd.grad(fused_adaptive_lif(x[None], 0.5, 1.0, 1.0, sur).sum(), x)
             want = ref(x.detach().double() - 1.0, sur.alpha)
             torch.testing.assert_close(g.double(), want, rtol=rtol, atol=1e-30)
+
+
+@needs_cc
+def test_kernels_share_torchs_openmp_runtime():
+    """The kernels' parallel regions run on the libgomp torch already loaded (no second
+    runtime whose threads would compete with torch's)."""
+    import re
+
+    assert native.load() is not None
+    maps = open("/proc/self/maps").read()
+    runtimes = sorted(set(re.findall(r"\S*/libgomp[^/\s]*\.so[^/\s]*", maps)))
+    if "OpenMP" in torch.__config__.parallel_info():
+        assert len(runtimes) == 1, runtimes

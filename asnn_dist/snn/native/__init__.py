@@ -40,7 +40,8 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("lif_kernel.c", "bn_kernel.c"))
-FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp-simd", "-fPIC", "-shared", "-pthread")
+HEADERS = (Path(__file__).with_name("parallel.h"),)
+FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
 ARCH_FLAGS = ("-march=native",)
 SURROGATE_CODES = {"SigmoidSurrogate": 0, "AtanSurrogate": 1}
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
@@ -101,7 +102,7 @@ def _compile(cc: str, out: Path) -> None:
 def library_path(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
-        b"".join(p.read_bytes() for p in SOURCES) + repr((FLAGS, ARCH_FLAGS, version, _cpu_identity())).encode()
+        b"".join(p.read_bytes() for p in SOURCES + HEADERS) + repr((FLAGS, ARCH_FLAGS, version, _cpu_identity())).encode()
     ).hexdigest()[:16]
     return cache_dir() / f"asnn_kernels-{key}.so"
 

@@ -3,8 +3,8 @@
  *
  * Why C: the torch path normalises step by step (one batch_norm call per step, then a stack
  * copy); here each pass reads x once for all steps, with per-channel accumulators in double
- * (vectorised over the contiguous channels) and rows split over threads. Sums are combined
- * in thread order, so results are deterministic for a given thread count.
+ * (vectorised over the contiguous channels) and rows split over threads (parallel.h). Sums
+ * are combined in range order, so results are deterministic for a given thread count.
  *
  *   mean[t,c] = sum_m x / M;  var[t,c] = sum_m x^2 / M - mean^2   (biased; accumulated in double)
  *   y = x * scale[t,c] + shift[t,c]      (scale = w invstd, shift = b - mean scale: the affine
@@ -12,10 +12,11 @@
  *   backward: sum_gy[t,c] = sum_m gy;  dotp[t,c] = sum_m gy (x - mean)
  *             gx = (gy - sum_gy / M - (x - mean) dotp invstd^2 / M) scale
  */
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "parallel.h"
 
 typedef struct BnJob {
     int64_t T, M, C, lo, hi; /* rows [lo, hi) of every step */
@@ -97,24 +98,22 @@ typedef struct BnJob {
 DEFINE_BN(float, f32)
 DEFINE_BN(double, f64)
 
-static void *bn_run(void *arg) {
+static void bn_run(void *arg) {
     BnJob *j = (BnJob *)arg;
     j->fn(j);
-    return NULL;
 }
 
-/* Split rows [0, M) over threads; each thread gets its own zeroed [2 T C] accumulator, or
- * (shared_acc) reads the given one; per-thread sums are added in thread order to acc_out. */
+/* Split rows [0, M) into `threads` ranges (parallel.h); each range gets its own zeroed
+ * [2 T C] accumulator, or (shared_acc) reads the given one; the per-range sums are added in
+ * range order to acc_out. */
 static int bn_parallel(BnJob base, void (*fn)(BnJob *), int threads, double *acc_out, const double *shared_acc) {
     if (threads < 1) threads = 1;
     if (threads > base.M) threads = base.M > 0 ? (int)base.M : 1;
     size_t acc_len = (size_t)(2 * base.T * base.C);
     BnJob *jobs = calloc((size_t)threads, sizeof(BnJob));
     double *acc = acc_out ? calloc((size_t)threads * acc_len, sizeof(double)) : NULL;
-    pthread_t *tids = calloc((size_t)threads, sizeof(pthread_t));
-    char *started = calloc((size_t)threads, 1);
     int rc = 0;
-    if (!jobs || !tids || !started || (acc_out && !acc)) { rc = 1; goto done; }
+    if (!jobs || (acc_out && !acc)) { rc = 1; goto done; }
     int64_t per = (base.M + threads - 1) / threads;
     for (int k = 0; k < threads; ++k) {
         BnJob *j = &jobs[k];
@@ -123,21 +122,14 @@ static int bn_parallel(BnJob base, void (*fn)(BnJob *), int threads, double *acc
         j->lo = k * per < base.M ? k * per : base.M;
         j->hi = (k + 1) * per < base.M ? (k + 1) * per : base.M;
         j->acc = acc_out ? acc + k * acc_len : (double *)shared_acc;
-        if (k < threads - 1 && pthread_create(&tids[k], NULL, bn_run, j) == 0)
-            started[k] = 1;
-        else
-            bn_run(j);
     }
-    for (int k = 0; k < threads; ++k)
-        if (started[k]) pthread_join(tids[k], NULL);
+    run_jobs(threads, sizeof(BnJob), (char *)jobs, bn_run);
     if (acc_out)
         for (int k = 0; k < threads; ++k)
             for (size_t a = 0; a < acc_len; ++a) acc_out[a] += jobs[k].acc[a];
 done:
     free(jobs);
     free(acc);
-    free(tids);
-    free(started);
     return rc;
 }
 

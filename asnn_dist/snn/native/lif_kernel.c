@@ -24,10 +24,11 @@
  * order), so results are deterministic for a given thread count.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "parallel.h"
 
 #define BLK 256
 #define SUR_SIGMOID 0
@@ -225,15 +226,13 @@ static inline double exp_neg_abs_d(double a) {
 DEFINE_KERNELS(float, f32, exp_neg_abs_f)
 DEFINE_KERNELS(double, f64, exp_neg_abs_d)
 
-static void *run_job(void *arg) {
+static void run_job(void *arg) {
     Job *j = (Job *)arg;
     j->fn(j);
-    return NULL;
 }
 
-/* Split [0, n) over `threads` workers (block-aligned ranges), run fn on each (the calling
- * thread takes the last range), then add the accumulators in thread order into acc_out.
- * Returns 0 on success. */
+/* Split [0, n) into `threads` block-aligned ranges, run fn on each (parallel.h), then add
+ * the per-range accumulators in range order into acc_out. Returns 0 on success. */
 static int parallel(Job base, void (*fn)(Job *), int threads, double *acc_out) {
     int64_t blocks = (base.n + BLK - 1) / BLK;
     if (threads < 1) threads = 1;
@@ -241,10 +240,8 @@ static int parallel(Job base, void (*fn)(Job *), int threads, double *acc_out) {
     size_t acc_len = (size_t)(2 * base.T + 1);
     Job *jobs = calloc((size_t)threads, sizeof(Job));
     double *acc = calloc((size_t)threads * acc_len, sizeof(double));
-    pthread_t *tids = calloc((size_t)threads, sizeof(pthread_t));
-    char *started = calloc((size_t)threads, 1);
     int rc = 0;
-    if (!jobs || !acc || !tids || !started) { rc = 1; goto done; }
+    if (!jobs || !acc) { rc = 1; goto done; }
     int64_t per = (blocks + threads - 1) / threads;
     for (int k = 0; k < threads; ++k) {
         Job *j = &jobs[k];
@@ -253,13 +250,8 @@ static int parallel(Job base, void (*fn)(Job *), int threads, double *acc_out) {
         j->lo = k * per * BLK < base.n ? k * per * BLK : base.n;
         j->hi = (k + 1) * per * BLK < base.n ? (k + 1) * per * BLK : base.n;
         j->acc = acc + k * acc_len;
-        if (k < threads - 1 && pthread_create(&tids[k], NULL, run_job, j) == 0)
-            started[k] = 1;
-        else
-            run_job(j);
     }
-    for (int k = 0; k < threads; ++k)
-        if (started[k]) pthread_join(tids[k], NULL);
+    run_jobs(threads, sizeof(Job), (char *)jobs, run_job);
     for (int k = 0; k < threads; ++k) {
         if (jobs[k].failed) rc = 1;
         if (acc_out)
@@ -268,8 +260,6 @@ static int parallel(Job base, void (*fn)(Job *), int threads, double *acc_out) {
 done:
     free(jobs);
     free(acc);
-    free(tids);
-    free(started);
     return rc;
 }
 
