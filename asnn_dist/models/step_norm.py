@@ -57,7 +57,7 @@ class _StepBatchNormFn(torch.autograd.Function):
         y = _affine(x, scale, shift)
         ctx.save_for_backward(x, mean, invstd, scale)
         ctx.mark_non_differentiable(mean, var)
-        affine_source.register(y, affine_source.AffineSource(x, scale, shift, _affine))
+        affine_source.register(y, affine_source.affine(x, scale, shift, _affine))
         return y, mean, var
 
     @staticmethod

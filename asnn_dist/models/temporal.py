@@ -21,6 +21,8 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from asnn_dist.snn import affine_source
+
 _local = threading.local()
 
 
@@ -36,12 +38,17 @@ def channels_last_seq(x: Tensor) -> Tensor:
 
 
 def cat_steps(parts: list[Tensor]) -> Tensor:
-    """Concatenate along time, keeping a channels-last layout."""
+    """Concatenate along time, keeping a channels-last layout. When every part is a
+    registered affine image (a BN output), so is the result (``snn.affine_source``)."""
     if len(parts) == 1:
         return parts[0]
-    if all(is_channels_last_seq(p) for p in parts):
-        return torch.cat([p.permute(0, 1, 3, 4, 2) for p in parts]).permute(0, 1, 4, 2, 3)
-    return torch.cat(parts)
+    channels_last = all(is_channels_last_seq(p) for p in parts)
+    flat = [p.permute(0, 1, 3, 4, 2) for p in parts] if channels_last else parts
+    joined = torch.cat(flat)
+    sources = [affine_source.lookup(p) for p in flat]
+    if torch.is_grad_enabled() and all(s is not None for s in sources):
+        affine_source.register(joined, affine_source.concat(sources))  # type: ignore[arg-type]
+    return joined.permute(0, 1, 4, 2, 3) if channels_last else joined
 
 
 class StepWindow:

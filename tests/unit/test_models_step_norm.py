@@ -114,11 +114,39 @@ def test_neuron_after_bn_keeps_no_copy_of_its_input_and_same_gradients(layout):
     assert big(st_copy) == 2 * layer  # BN's input and the neuron's own input
 
 
+@pytest.mark.usefixtures("kernel_path")
+def test_hybrid_stem_join_keeps_no_copy_either():
+    """The direct and spike steps' BN outputs, joined along time (``cat_steps``), are rebuilt
+    from the two BN inputs: the neuron after the stem saves nothing of its own."""
+    from asnn_dist.models.common import HybridStem, conv_bn
+
+    torch.manual_seed(2)
+    steps = 4
+    stem = HybridStem(lambda: conv_bn(1, 8, steps, spike_input=False), 1, steps)
+    neuron = StepAdaptiveLIF(steps)
+    x = torch.rand(steps, 2, 1, 6, 6)
+    g = torch.randn(steps, 2, 8, 6, 6)
+    results = []
+    for share in (True, False):
+        params = [p for m in (stem, neuron) for p in m.parameters()]
+
+        def run(share=share):
+            y = stem(x)
+            return neuron(y if share else y.clone(memory_format=torch.preserve_format))
+
+        spikes, storages = _saved_storages(run)
+        results.append((spikes, torch.autograd.grad(spikes, params, g), storages))
+    (s1, g1, st1), (s2, g2, st2) = results
+    assert torch.equal(s1, s2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    layer = g.numel() * 4
+    assert sum(v for v in st2.values() if v >= layer) - sum(v for v in st1.values() if v >= layer) == layer
+
+
 def test_lookup_refuses_modified_other_shape_and_other_thread():
     x = torch.randn(2, 3, 4)
     y = x * 2.0
-    src = affine_source.AffineSource(x, torch.full((2, 4), 2.0), torch.zeros(2, 4),
-                                     lambda a, s, b: torch.addcmul(b.unsqueeze(1), a, s.unsqueeze(1)))
+    src = affine_source.affine(x, torch.full((2, 4), 2.0), torch.zeros(2, 4),
+                               lambda a, s, b: torch.addcmul(b.unsqueeze(1), a, s.unsqueeze(1)))
     affine_source.register(y, src)
     assert affine_source.lookup(y) is src and affine_source.lookup(y.view(6, 4)) is src
     assert affine_source.lookup(y[:1]) is None  # fewer elements
