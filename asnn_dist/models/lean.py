@@ -1,10 +1,12 @@
-"""Memory-lean training: layers that read spikes keep them for backward as 1 byte per value.
+"""Memory-lean training: layers that read spikes keep them for backward as 1 bit per value.
 
 Why: a conv, linear or matmul saves its input for the weight gradient, and max-pooling saves
-its input and int64 indices. When that input is a spike tensor (exactly 0 or 1) or a sum of
-a few spike tensors (the residual streams of Spikformer and SEW-ResNet: small non-negative
-integers), storing it as uint8 is lossless and 4x smaller than float32. The layers below do
-the math of their torch counterparts in custom autograd functions that save the uint8 copy
+its input and int64 indices. When that input is a spike tensor (exactly 0 or 1), storing it
+as 1 bit per value is lossless and 32x smaller than float32 (the C kernel of ``snn.native``
+packs it and checks every value is 0 or 1); a sum of a few spike tensors (the residual
+streams of Spikformer and SEW-ResNet: small non-negative integers), or a tensor the kernel
+cannot take (GPU, bf16), is stored as uint8, lossless and 4x smaller. The layers below do
+the math of their torch counterparts in custom autograd functions that save the packed copy
 (max-pooling recomputes its indices from it in backward). Being ordinary saved tensors, the
 copies also pass through time-step checkpointing, so recomputed segments stay lean too.
 
@@ -23,6 +25,8 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from asnn_dist.snn import native
 
 _local = threading.local()
 
@@ -56,13 +60,45 @@ def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
 
 
+def _memory_order(x: Tensor) -> Optional[Tensor]:
+    """A contiguous view of x's memory (x contiguous, or a channels-last 4-D map), or None."""
+    if x.is_contiguous():
+        return x
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1)
+    return None
+
+
+def pack(x: Tensor) -> tuple[Tensor, tuple]:
+    """(stored tensor, meta): 1 bit per value when all values are 0 or 1 and the C kernel can
+    take x, else uint8 (the caller promises integers in [0, 255])."""
+    flat = _memory_order(x)
+    if flat is not None and native.supports(flat):
+        bits = native.pack_bits(flat)
+        if bits is not None:
+            return bits, ("bits", x.shape, flat is not x, x.dtype)
+    return x.to(torch.uint8), ("u8", x.shape, False, x.dtype)
+
+
+def unpack(stored: Tensor, meta: tuple, dtype: torch.dtype) -> Tensor:
+    """The packed tensor again, in ``dtype`` (and, for bits, x's memory layout)."""
+    kind, shape, channels_last, x_dtype = meta
+    if kind == "u8":
+        return stored.to(dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(shape, dtype=x_dtype, memory_format=fmt)
+    native.unpack_bits(stored, out.permute(0, 2, 3, 1) if channels_last else out)
+    return out.to(dtype)
+
+
 class _SpikeLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         cd = compute_dtype(x)
         with _no_autocast(x):
             y = F.linear(x.to(cd), weight.to(cd), _cast(bias, cd))
-        ctx.save_for_backward(x.to(torch.uint8), weight)
+        stored, ctx.pack = pack(x)
+        ctx.save_for_backward(stored, weight)
         ctx.meta = (x.dtype, cd, bias is not None)
         return y
 
@@ -70,12 +106,13 @@ class _SpikeLinear(torch.autograd.Function):
     def backward(ctx: Any, gy: Tensor) -> tuple[Optional[Tensor], ...]:
         packed, weight = ctx.saved_tensors
         x_dtype, cd, has_bias = ctx.meta
+        shape = ctx.pack[1]
         g2 = gy.to(cd).reshape(-1, gy.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = (g2 @ weight.to(cd)).view(*packed.shape[:-1], -1).to(x_dtype)
+            gx = (g2 @ weight.to(cd)).view(*shape[:-1], -1).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            x2 = packed.reshape(-1, packed.shape[-1]).to(cd)
+            x2 = unpack(packed, ctx.pack, cd).reshape(-1, shape[-1])
             gw = (x2.t() @ g2).t().to(weight.dtype)
         if has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0).to(weight.dtype)
@@ -88,7 +125,8 @@ class _SpikeConv2d(torch.autograd.Function):
         cd = compute_dtype(x)
         with _no_autocast(x):
             y = F.conv2d(x.to(cd), weight.to(cd), _cast(bias, cd), conv.stride, conv.padding, conv.dilation, conv.groups)
-        ctx.save_for_backward(x.to(torch.uint8), weight)
+        stored, ctx.pack = pack(x)
+        ctx.save_for_backward(stored, weight)
         ctx.meta = (x.dtype, cd, None if bias is None else [bias.numel()],
                     conv.stride, conv.padding, conv.dilation, conv.groups)
         return y
@@ -99,7 +137,7 @@ class _SpikeConv2d(torch.autograd.Function):
         x_dtype, cd, bias_sizes, stride, padding, dilation, groups = ctx.meta
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_sizes is not None and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            gy.to(cd), packed.to(cd), weight.to(cd), bias_sizes, stride, padding, dilation,
+            gy.to(cd), unpack(packed, ctx.pack, cd), weight.to(cd), bias_sizes, stride, padding, dilation,
             False, [0, 0], groups, mask,
         )
         return (None if gx is None else gx.to(x_dtype), None if gw is None else gw.to(weight.dtype),
@@ -111,45 +149,64 @@ class _SpikeMaxPool2d(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, pool: nn.MaxPool2d) -> Tensor:
         ctx.args = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
         ctx.dtype = x.dtype
-        ctx.save_for_backward(x.to(torch.uint8))
+        stored, ctx.pack = pack(x)
+        ctx.save_for_backward(stored)
         return torch.ops.aten.max_pool2d(x, *ctx.args)
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Optional[Tensor], None]:
         (packed,) = ctx.saved_tensors
-        x = packed.to(ctx.dtype)
+        x = unpack(packed, ctx.pack, ctx.dtype)
         _, idx = torch.ops.aten.max_pool2d_with_indices(x, *ctx.args)  # same first-max rule
         return torch.ops.aten.max_pool2d_with_indices_backward(gy, x, *ctx.args, idx), None
 
 
+def _heads(t: Tensor, heads: int) -> Tensor:
+    """[..., N, C] -> [..., heads, N, C / heads] (a view)."""
+    *lead, n, c = t.shape
+    return t.view(*lead, n, heads, c // heads).transpose(-3, -2)
+
+
+def _merge(t: Tensor) -> Tensor:
+    """[..., heads, N, d] -> [..., N, heads * d]."""
+    *lead, h, n, d = t.shape
+    return t.transpose(-3, -2).reshape(*lead, n, h * d)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float, heads: int) -> Tensor:
+    qh, kh, vh = _heads(q, heads), _heads(k, heads), _heads(v, heads)
+    return _merge(qh @ ((kh.transpose(-2, -1) @ vh) * scale))
+
+
 class _SpikeAttention(torch.autograd.Function):
-    """y = q @ (k^T v * scale) for spike q, k, v [..., N, d]; saves the three as uint8."""
+    """Per head y = q @ (k^T v * scale) for spike q, k, v [..., N, C]; saves the three packed."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float, heads: int) -> Tensor:
         cd = compute_dtype(q)
         with _no_autocast(q):
-            qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
-            y = qc @ ((kc.transpose(-2, -1) @ vc) * scale)
-        ctx.save_for_backward(q.to(torch.uint8), k.to(torch.uint8), v.to(torch.uint8))
-        ctx.meta = (q.dtype, cd, scale)
+            y = _attention(q.to(cd), k.to(cd), v.to(cd), scale, heads)
+        stored = [pack(t) for t in (q, k, v)]
+        ctx.save_for_backward(*(t for t, _ in stored))
+        ctx.packs = [meta for _, meta in stored]
+        ctx.meta = (q.dtype, cd, scale, heads)
         return y
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Optional[Tensor], ...]:
-        dtype, cd, scale = ctx.meta
-        q, k, v = (t.to(cd) for t in ctx.saved_tensors)
-        gy = gy.to(cd)
+        dtype, cd, scale, heads = ctx.meta
+        q, k, v = (_heads(unpack(t, meta, cd), heads) for t, meta in zip(ctx.saved_tensors, ctx.packs))
+        gy = _heads(gy.to(cd), heads)
         kv = (k.transpose(-2, -1) @ v) * scale
         gq = gy @ kv.transpose(-2, -1)
         g_kv = (q.transpose(-2, -1) @ gy) * scale
         gk = v @ g_kv.transpose(-2, -1)
         gv = k @ g_kv
-        return gq.to(dtype), gk.to(dtype), gv.to(dtype), None
+        return _merge(gq).to(dtype), _merge(gk).to(dtype), _merge(gv).to(dtype), None, None
 
 
 class SpikeLinear(nn.Linear):
-    """nn.Linear whose input (spikes or spike counts) is saved as uint8 while packing."""
+    """nn.Linear whose input (spikes or spike counts) is saved packed (``pack``) while packing."""
 
     def forward(self, x: Tensor) -> Tensor:
         if packing_active():
@@ -158,7 +215,7 @@ class SpikeLinear(nn.Linear):
 
 
 class SpikeConv2d(nn.Conv2d):
-    """nn.Conv2d whose input (spikes or spike counts) is saved as uint8 while packing."""
+    """nn.Conv2d whose input (spikes or spike counts) is saved packed (``pack``) while packing."""
 
     def forward(self, x: Tensor) -> Tensor:
         if packing_active() and self.padding_mode == "zeros" and not isinstance(self.padding, str):
@@ -167,7 +224,7 @@ class SpikeConv2d(nn.Conv2d):
 
 
 class SpikeMaxPool2d(nn.MaxPool2d):
-    """nn.MaxPool2d on spikes that saves a uint8 input instead of input + int64 indices."""
+    """nn.MaxPool2d on spikes that saves its input packed instead of input + int64 indices."""
 
     def forward(self, x: Tensor) -> Tensor:
         if packing_active() and not self.return_indices:
@@ -175,8 +232,9 @@ class SpikeMaxPool2d(nn.MaxPool2d):
         return super().forward(x)
 
 
-def spike_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """q @ (k^T v * scale) (Spikformer's attention without softmax, in the cheap order)."""
+def spike_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, heads: int) -> Tensor:
+    """Multi-head q @ (k^T v * scale) on [..., N, C] (Spikformer's attention without softmax,
+    in the cheap order), returned as [..., N, C] (heads concatenated)."""
     if packing_active():
-        return _SpikeAttention.apply(q, k, v, scale)
-    return q @ ((k.transpose(-2, -1) @ v) * scale)
+        return _SpikeAttention.apply(q, k, v, scale, heads)
+    return _attention(q, k, v, scale, heads)

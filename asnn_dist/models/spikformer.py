@@ -91,18 +91,10 @@ class SpikingSelfAttention(nn.Module):
         self.proj = LinearBN(dim, dim, num_steps)
         self.proj_lif = make_neuron()
 
-    def _heads(self, s: Tensor) -> Tensor:
-        t, b, n, c = s.shape
-        return s.view(t, b, n, self.heads, c // self.heads).transpose(2, 3)
-
     def forward(self, x: Tensor) -> Tensor:
-        t, b, n, c = x.shape
-        q = self._heads(self.q_lif(self.q(x)))
-        k = self._heads(self.k_lif(self.k(x)))
-        v = self._heads(self.v_lif(self.v(x)))
-        y = spike_attention(q, k, v, self.scale)  # [T, B, h, N, d]
-        y = self.attn_lif(y.transpose(2, 3).reshape(t, b, n, c))
-        return self.proj_lif(self.proj(y))
+        q, k, v = self.q_lif(self.q(x)), self.k_lif(self.k(x)), self.v_lif(self.v(x))
+        y = spike_attention(q, k, v, self.scale, self.heads)  # [T, B, N, C], heads concatenated
+        return self.proj_lif(self.proj(self.attn_lif(y)))
 
 
 class SpikingMLP(nn.Module):

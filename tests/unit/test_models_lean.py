@@ -1,5 +1,6 @@
-"""Memory-lean training: layers that keep spike inputs as uint8 give the same values and
-gradients as their torch parents (and as unpacked models), and keep fewer bytes alive."""
+"""Memory-lean training: layers that keep spike inputs packed (1 bit per value for spikes,
+uint8 for spike counts) give the same values and gradients as their torch parents (and as
+unpacked models), and keep fewer bytes alive."""
 
 import copy
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from asnn_dist.models.lean import SpikeConv2d, SpikeLinear, SpikeMaxPool2d, packing, spike_attention
+from asnn_dist.models.lean import SpikeConv2d, SpikeLinear, SpikeMaxPool2d, pack, packing, spike_attention, unpack
 from asnn_dist.registry import create_model
 
 
@@ -35,17 +36,18 @@ LAYERS = {
     "conv": (lambda: SpikeConv2d(4, 6, 3, stride=2, padding=1),
              lambda: [spikes(2, 4, 9, 9).contiguous(memory_format=torch.channels_last)]),
     "maxpool": (lambda: SpikeMaxPool2d(3, stride=2, padding=1), lambda: [spikes(2, 3, 8, 8, p=0.2)]),
-    "attention": (None, lambda: [spikes(2, 3, 5, 4) for _ in range(3)]),
+    "attention": (None, lambda: [spikes(2, 3, 5, 8) for _ in range(3)]),  # 2 heads of 4
 }
 
 
+@pytest.mark.usefixtures("kernel_path")
 @pytest.mark.parametrize("kind", sorted(LAYERS))
 def test_packed_layers_match_their_torch_parents(kind):
     torch.manual_seed(0)
     make, make_inputs = LAYERS[kind]
     module = make().double() if make else None
     inputs = [x.requires_grad_() for x in make_inputs()]
-    fn = module if module is not None else (lambda q, k, v: spike_attention(q, k, v, 0.125))
+    fn = module if module is not None else (lambda q, k, v: spike_attention(q, k, v, 0.125, 2))
     ref_out, ref_grads = grads_of(fn, inputs, module)
     with packing(True):
         out, grads = grads_of(fn, inputs, module)
@@ -74,21 +76,45 @@ def test_packed_layers_under_bf16_autocast_match_autocast(kind):
         assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-2, atol=1e-2)
 
 
-def test_packed_linear_keeps_one_byte_per_value():
-    lin = SpikeLinear(256, 8)
-    s = spikes(1024, 256, dtype=torch.float32, p=0.5)
+def test_multi_head_attention_matches_per_head_products():
+    q, k, v = (spikes(2, 5, 8) for _ in range(3))
+    y = spike_attention(q, k, v, 0.125, 2)
+    for h in range(2):
+        qh, kh, vh = (t[..., 4 * h : 4 * h + 4] for t in (q, k, v))
+        assert torch.allclose(y[..., 4 * h : 4 * h + 4], qh @ (kh.transpose(-2, -1) @ vh) * 0.125)
 
-    def forward(pack: bool):
-        def fn():
+
+@pytest.mark.usefixtures("kernel_path")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pack_keeps_spikes_as_bits_and_counts_as_bytes(kernel_path, dtype):
+    s = spikes(3, 4, 5, 7, dtype=dtype)  # 420 values: a partial last byte
+    maps = spikes(2, 3, 5, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    for x in (s, maps, s.transpose(1, 2)):  # contiguous, channels-last, and a strided view
+        stored, meta = pack(x)
+        flat_ok = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+        want = "bits" if kernel_path == "native" and flat_ok else "u8"
+        assert meta[0] == want
+        if want == "bits":
+            assert stored.dtype == torch.uint8 and stored.numel() == -(-x.numel() // 8)
+        back = unpack(stored, meta, dtype)
+        assert torch.equal(back, x) and back.stride() == x.stride() if flat_ok else torch.equal(back, x)
+    stored, meta = pack(s * 3)  # counts 0 or 3: not bits
+    assert meta[0] == "u8" and torch.equal(unpack(stored, meta, dtype), s * 3)
+
+
+def test_packed_linear_keeps_one_bit_per_spike_and_one_byte_per_count():
+    lin = SpikeLinear(256, 8)
+    for s, saved_per_value in ((spikes(1024, 256, dtype=torch.float32, p=0.5), 1 / 8),
+                               (2 * spikes(1024, 256, dtype=torch.float32, p=0.5), 1)):
+        def fn(pack: bool, s=s):
             with packing(pack):
                 return lin(s.clone())  # a fresh input: only what autograd saves stays alive
-        return live_bytes_after(fn)
 
-    (kept_plain, y_plain), (kept_lean, y_lean) = forward(False), forward(True)
-    assert torch.equal(y_plain, y_lean)
-    assert kept_plain - kept_lean >= 3 * s.numel()  # 4 bytes -> 1 byte per value
-    with torch.no_grad(), packing(True):  # no graph: the plain torch path
-        assert torch.equal(lin(s), y_plain)
+        (kept_plain, y_plain), (kept_lean, y_lean) = live_bytes_after(lambda: fn(False)), live_bytes_after(lambda: fn(True))
+        assert torch.equal(y_plain, y_lean)
+        assert kept_plain - kept_lean >= (4 - saved_per_value) * s.numel()
+        with torch.no_grad(), packing(True):  # no graph: the plain torch path
+            assert torch.equal(lin(s), y_plain)
 
 
 @pytest.mark.parametrize("name", ["spikformer_tiny", "sew_resnet_tiny", "spiking_resnet_tiny", "lenet_asnn_tiny"])

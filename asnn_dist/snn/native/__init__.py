@@ -1,5 +1,5 @@
-"""Compiled CPU kernels: the adaptive LIF (``lif_kernel.c``) and per-step BatchNorm
-(``bn_kernel.c``): build, cache, load, call.
+"""Compiled CPU kernels: the adaptive LIF (``lif_kernel.c``), per-step BatchNorm
+(``bn_kernel.c``) and 1-bit spike storage (``bits_kernel.c``): build, cache, load, call.
 
 Why compiled: on CPU the neuron and normalisation layers are memory-bound elementwise work,
 and torch ops pay one dispatch and one pass over memory per op and step; the C kernels run
@@ -39,7 +39,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("lif_kernel.c", "bn_kernel.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("lif_kernel.c", "bn_kernel.c", "bits_kernel.c"))
 HEADERS = (Path(__file__).with_name("parallel.h"),)
 FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
 ARCH_FLAGS = ("-march=native",)
@@ -116,7 +116,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.asnn_bn_stats.argtypes = [i32, i64, i64, i64, p, p, p, i32]
     lib.asnn_bn_apply.argtypes = [i32, i64, i64, i64, p, p, p, p, i32]
     lib.asnn_bn_backward.argtypes = [i32, i64, i64, i64, p, p, p, p, p, p, p, i32]
-    for fn in (lib.asnn_bn_stats, lib.asnn_bn_apply, lib.asnn_bn_backward):
+    lib.asnn_pack_bits.argtypes = [i32, i64, p, p, i32]
+    lib.asnn_unpack_bits.argtypes = [i32, i64, p, p, i32]
+    for fn in (lib.asnn_bn_stats, lib.asnn_bn_apply, lib.asnn_bn_backward, lib.asnn_pack_bits, lib.asnn_unpack_bits):
         fn.restype = i32
 
 
@@ -243,3 +245,21 @@ def bn_backward(x: Tensor, gy: Tensor, mean: Tensor, invstd: Tensor, scale: Tens
         DTYPE_CODES[x.dtype], steps, m, c, _ptr(x), _ptr(gy), _ptr(mean), _ptr(invstd), _ptr(scale), _ptr(gx),
         _ptr(sums), torch.get_num_threads()), "BatchNorm")
     return gx, sums[:, 0], sums[:, 1]
+
+
+def pack_bits(x: Tensor) -> Optional[Tensor]:
+    """x (contiguous) as 1 bit per value (uint8 [ceil(n / 8)], memory order), or None when a
+    value is neither 0 nor 1."""
+    n = x.numel()
+    bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    rc = _lib.asnn_pack_bits(DTYPE_CODES[x.dtype], n, _ptr(x), _ptr(bits), torch.get_num_threads())  # type: ignore[union-attr]
+    _check(rc < 0, "bit packing")
+    return None if rc else bits
+
+
+def unpack_bits(bits: Tensor, out: Tensor) -> Tensor:
+    """Fill the contiguous ``out`` (float32/float64) with the values ``pack_bits`` stored."""
+    rc = _lib.asnn_unpack_bits(DTYPE_CODES[out.dtype], out.numel(), _ptr(bits), _ptr(out),  # type: ignore[union-attr]
+                               torch.get_num_threads())
+    _check(rc, "bit unpacking")
+    return out
