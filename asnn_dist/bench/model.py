@@ -2,7 +2,7 @@
 
 Training and inference, plain vs time-checkpointed, fp32 vs bf16 autocast.
 
-Run: ``asnn-dist bench model [--steps 4 8] [--segments 1 2] [--iters 2] [--threads 2]``.
+Run: ``asnn-dist bench model [--steps 4 8] [--segments 1 2] [--iters 3] [--threads 2]``.
 Every configuration runs in a fresh process (``model_runs.py``): images/s from the fastest
 timed step (the least disturbed on a shared machine), peak memory as the process's resident
 high-water mark (VmHWM: weights, optimizer state, activations and the torch runtime). The dense matmul peak
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="checkpoint levels (checkpoint.time_levels) to measure for each k")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
-    parser.add_argument("--iters", type=int, default=2, help="timed steps per run (the fastest counts)")
+    parser.add_argument("--iters", type=int, default=3, help="timed steps per run (the fastest counts)")
     parser.add_argument("--no-checkpoint", dest="checkpoint", action="store_false", help="skip checkpointed runs")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip bf16 autocast runs")
     parser.add_argument("--no-accuracy", dest="accuracy", action="store_false",
