@@ -23,7 +23,7 @@ def prebuild() -> list[str]:
     return built
 
 
-def prebuild_lif_kernel() -> str:
+def prebuild_native_kernels() -> str:
     from asnn_dist.snn import native
 
     lib = native.load()
@@ -32,5 +32,5 @@ def prebuild_lif_kernel() -> str:
 
 if __name__ == "__main__":
     print("deepspeed ops ready:", ", ".join(prebuild()) or "none needed")
-    print("C LIF kernel:", prebuild_lif_kernel())
+    print("C kernels (LIF, BatchNorm, spike bits):", prebuild_native_kernels())
     sys.exit(0)

@@ -239,9 +239,18 @@ class Trainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
 
+def quiet_ray_train(level: str) -> None:
+    """Ray Train's loggers at ``run.log_level`` (every report otherwise logs its whole metrics
+    dict at INFO). Some Train V2 modules name their logger by file path, so those count too."""
+    names = [n for n in logging.root.manager.loggerDict
+             if n == "ray.train" or n.startswith("ray.train.") or "/ray/train/" in n.replace("\\", "/")]
+    for name in ["ray.train", *names]:
+        logging.getLogger(name).setLevel(level)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = ExperimentConfig.model_validate(loop_config["config"])
-    logging.getLogger("ray.train").setLevel(cfg.run.log_level)
+    quiet_ray_train(cfg.run.log_level)
     trainer = Trainer(cfg, loop_config.get("mlflow_run_id"))
     try:
         trainer.restore()

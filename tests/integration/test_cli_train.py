@@ -28,6 +28,8 @@ def test_train_cli_sqlite_registers_champion(tmp_path, digits_shards):
     assert "run cli-run: test top-1" in r.stdout
     assert "registered models:/asnn-lenet/1 (alias @champion -> v1)" in r.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in r.stdout
+    # Ray Train's per-report INFO line (the whole metrics dict) stays out of the user's console.
+    assert "Reporting training result" not in r.stdout + r.stderr
     # The resolved config is saved with the run and reloads to the same config.
     saved = tmp_path / "ray_results" / "cli-run" / "config.yaml"
     assert saved.is_file()
