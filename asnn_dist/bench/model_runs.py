@@ -55,6 +55,7 @@ def _model(spec: dict[str, Any]) -> torch.nn.Module:
         spec["model"], image_size=spec["image_size"], num_classes=spec["num_classes"],
         encoding=dict(num_steps=spec["steps"], direct_steps=1, scheme="threshold"),
         time_segment=spec.get("segment", 0), time_levels=spec.get("levels", 2),
+        time_states=spec.get("states"),
     )
 
 

@@ -135,6 +135,7 @@ class EngineConfig(Section):
 class CheckpointConfig(Section):
     time_segment: int = Field(0, ge=0, description="time steps per activation-checkpoint segment (0 = off)")
     time_levels: Literal[1, 2] = Field(2, description="1: keep every segment boundary state; 2: also group segments (~2 sqrt(n) states, one more forward)")
+    time_states: Optional[int] = Field(None, ge=0, description="keep at most N boundary states alive on the binomial (revolve) schedule, fewest recomputed steps for that memory; overrides time_levels (default: off)")
     every_steps: int = Field(0, ge=0, description="save a training checkpoint every N optimizer steps (0 = each epoch)")
     keep_last: int = Field(2, ge=1, description="training checkpoints kept")
 

@@ -23,6 +23,7 @@ def model_kwargs(cfg: "ExperimentConfig") -> dict:
         "learnable_readout": cfg.model.learnable_readout,
         "time_segment": cfg.checkpoint.time_segment,
         "time_levels": cfg.checkpoint.time_levels,
+        "time_states": cfg.checkpoint.time_states,
         **cfg.model.options,
     }
 

@@ -126,19 +126,24 @@ class SpikingClassifier(nn.Module, abc.ABC):
     self-contained (the encoder is part of it); ``forward_steps`` returns [T, B, K] for anytime
     accuracy. ``time_segment`` k > 0 checkpoints the body every k steps while gradients are
     recorded (same values and gradients, less memory; ``time_levels`` 2 also groups the
-    segments, see ``time_checkpoint.py``); ``pack_spikes`` keeps spike tensors
+    segments; ``time_states`` n instead keeps at most n boundary states on the binomial
+    schedule, see ``time_checkpoint.py``); ``pack_spikes`` keeps spike tensors
     saved for backward as uint8 (lossless, ``lean.py``).
     """
 
     def __init__(
         self, encoding: Optional[dict[str, Any]], learnable_readout: bool = True,
         time_segment: int = 0, pack_spikes: bool = True, time_levels: int = 2,
+        time_states: Optional[int] = None,
     ) -> None:
         super().__init__()
         if isinstance(time_segment, bool) or not isinstance(time_segment, int) or time_segment < 0:
             raise ValueError(f"time_segment must be an integer >= 0 (0 = off), got {time_segment!r}")
         if time_levels not in (1, 2):
             raise ValueError(f"time_levels must be 1 or 2, got {time_levels!r}")
+        if time_states is not None and (isinstance(time_states, bool) or not isinstance(time_states, int)
+                                        or time_states < 0):
+            raise ValueError(f"time_states must be an integer >= 0 or None (use time_levels), got {time_states!r}")
         enc = {**DEFAULT_ENCODING, **(encoding or {})}
         self.encoder = build_encoder(**enc)
         self.num_steps = self.encoder.num_steps
@@ -146,6 +151,7 @@ class SpikingClassifier(nn.Module, abc.ABC):
         self.readout = PerStepReadout(self.num_steps, learnable=learnable_readout)
         self.time_segment = time_segment
         self.time_levels = time_levels
+        self.time_states = time_states
         self.pack_spikes = bool(pack_spikes)
 
     @abc.abstractmethod
@@ -156,7 +162,7 @@ class SpikingClassifier(nn.Module, abc.ABC):
         x_seq = self.encoder(images)
         if self.time_segment > 0 and torch.is_grad_enabled():
             return run_time_segments(self.forward_body, x_seq, self.time_segment, self, self.pack_spikes,
-                                     self.time_levels)
+                                     self.time_levels, self.time_states)
         with packing(self.pack_spikes):
             return self.forward_body(x_seq)
 

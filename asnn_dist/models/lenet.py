@@ -31,9 +31,10 @@ class LeNetASNN(SpikingClassifier):
         learnable_readout: bool = True,
         time_segment: int = 0,
         time_levels: int = 2,
+        time_states: Optional[int] = None,
         pack_spikes: bool = True,
     ) -> None:
-        super().__init__(encoding, learnable_readout, time_segment, pack_spikes, time_levels)
+        super().__init__(encoding, learnable_readout, time_segment, pack_spikes, time_levels, time_states)
         if image_size % 8:
             raise ValueError(f"image_size must be a multiple of 8 (three 2x2 pools), got {image_size}")
         T = self.num_steps

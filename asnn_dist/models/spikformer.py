@@ -134,9 +134,10 @@ class Spikformer(SpikingClassifier):
         learnable_readout: bool = True,
         time_segment: int = 0,
         time_levels: int = 2,
+        time_states: Optional[int] = None,
         pack_spikes: bool = True,
     ) -> None:
-        super().__init__(encoding, learnable_readout, time_segment, pack_spikes, time_levels)
+        super().__init__(encoding, learnable_readout, time_segment, pack_spikes, time_levels, time_states)
         if len(pools) != 4:
             raise ValueError(f"pools needs 4 flags (one per SPS conv), got {list(pools)}")
         if dim % 8:

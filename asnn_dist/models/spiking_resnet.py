@@ -64,9 +64,10 @@ class SpikingResNet(SpikingClassifier):
         learnable_readout: bool = True,
         time_segment: int = 0,
         time_levels: int = 2,
+        time_states: Optional[int] = None,
         pack_spikes: bool = True,
     ) -> None:
-        super().__init__(encoding, learnable_readout, time_segment, pack_spikes, time_levels)
+        super().__init__(encoding, learnable_readout, time_segment, pack_spikes, time_levels, time_states)
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {list(STEMS)}, got {stem!r}")
         if len(layers) != len(widths) or not layers:

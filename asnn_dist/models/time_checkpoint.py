@@ -20,6 +20,14 @@ price is one more forward of the earlier groups. Nested non-reentrant checkpoint
 without extra bookkeeping: an outer recomputation reruns the group, whose inner segments
 then save only their inputs again.
 
+Binomial (``time_states: n``): at most n boundary states alive at once (besides the resting
+start), placed where they cost the fewest recomputed steps for that budget (Griewank, 1992,
+"Achieving logarithmic growth of temporal and spatial complexity in reverse automatic
+differentiation"; the ``revolve`` schedule). With n states, T steps cost about log_n(T)
+recomputations each instead of growing memory with T: a schedule for a memory budget, where
+the two fixed rules above give memory that still grows with T. ``binomial_plan`` gives the
+split and its cost; the nesting is the same as above, one checkpoint per split.
+
 Plain and checkpointed execution compute the same function because every step-dependent
 layer reads the absolute step index from the window (per-step BN statistics, per-step
 leak/gain); see ``temporal.py``, ``step_norm.py`` and ``step_neurons.py``.
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from functools import lru_cache
 from typing import Callable, Optional
 
 import torch
@@ -72,9 +81,37 @@ def _run_group(
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs), *state)
 
 
+@lru_cache(maxsize=None)
+def binomial_plan(units: int, states: int) -> tuple[int, int]:
+    """(recomputed units, head length) of the cheapest schedule that differentiates ``units``
+    segments keeping at most ``states`` boundary states beside the start: the head
+    [0, head) runs checkpointed, the tail carries one state fewer (the head's start stays
+    alive for its recomputation). No state budget means recompute from the start each time."""
+    if units <= 1:
+        return 0, units
+    if states == 0:
+        return units * (units - 1) // 2, units - 1
+    return min((j + binomial_plan(units - j, states - 1)[0] + binomial_plan(j, states)[0], j)
+               for j in range(1, units))
+
+
+def _run_binomial(
+    body: Callable[[Tensor], Tensor], neurons: list[nn.Module], t0: int, segment: int, states: int, pack: bool,
+    x: Tensor, *state: Optional[Tensor],
+) -> tuple[Optional[Tensor], ...]:
+    units = -(-x.shape[0] // segment)
+    if units <= 1:
+        return _run_window(body, neurons, t0, pack, x, *state)
+    cut = binomial_plan(units, states)[1] * segment
+    head = (body, neurons, t0, segment, states, pack, x[:cut], *state)
+    y0, *state = checkpoint(_run_binomial, *head, use_reentrant=False, context_fn=_contexts)
+    y1, *state = _run_binomial(body, neurons, t0 + cut, segment, max(states - 1, 0), pack, x[cut:], *state)
+    return (torch.cat([y0, y1]), *state)
+
+
 def run_time_segments(
     body: Callable[[Tensor], Tensor], x_seq: Tensor, segment: int, model: nn.Module, pack: bool = False,
-    levels: int = 2,
+    levels: int = 2, states: Optional[int] = None,
 ) -> Tensor:
     """``body`` ([tau, B, ...] -> [tau, B, K]) over x_seq [T, B, ...], k = ``segment`` steps
     per checkpointed segment; returns [T, B, K] equal to ``body(x_seq)`` run plainly.
@@ -82,12 +119,18 @@ def run_time_segments(
     ``levels``: 1 keeps the state at every segment boundary (n - 1 states for n segments);
     2 groups about sqrt(n) segments under one more checkpoint, keeping only the group
     boundaries plus the boundaries inside the group being differentiated (about 2 sqrt(n)
-    states), for one more forward of the earlier groups."""
+    states), for one more forward of the earlier groups.
+    ``states`` n (not None): the binomial schedule with at most n boundary states alive
+    (``binomial_plan``), which then replaces ``levels``."""
     if segment < 1:
         raise ValueError(f"time_segment must be >= 1 to checkpoint, got {segment}")
     if levels not in (1, 2):
         raise ValueError(f"time_levels must be 1 or 2, got {levels!r}")
+    if states is not None and (isinstance(states, bool) or not isinstance(states, int) or states < 0):
+        raise ValueError(f"time_states must be an integer >= 0 (or None for time_levels), got {states!r}")
     neurons = step_neurons(model)
+    if states is not None:
+        return _run_binomial(body, neurons, 0, segment, states, pack, x_seq, *[None] * len(neurons))[0]
     state: list[Optional[Tensor]] = [None] * len(neurons)  # every neuron starts at rest
     steps = x_seq.shape[0]
     n_segments = -(-steps // segment)

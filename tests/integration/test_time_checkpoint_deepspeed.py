@@ -1,7 +1,8 @@
 """Time-step checkpointing inside real DeepSpeed engines (ZeRO-2 and ZeRO-3, 2 gloo ranks on
 CPU): the checkpointed model gives the same loss, full gradients, BN running statistics and
 updated weights as the plain one. The model comes from the config exactly as in training
-(``checkpoint.time_segment`` -> ``model_from_config``)."""
+(``checkpoint.time_segment`` -> ``model_from_config``), on both schedules: grouped segments
+(``time_levels``) and the binomial one (``time_states``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ pytestmark = pytest.mark.integration
 
 STAGES = (2, 3)
 SEGMENT = 1
+SCHEDULES = {"levels": [], "binomial": ["checkpoint.time_states=1"]}  # time_levels 2 / binomial, 1 state
 # dim 64: the 1x1 and 3x3 convs and MLP linears exceed ZeRO-3's persistence threshold (1e4
 # elements), so stage 3 really partitions them and gathers them for the recomputation.
 SETTINGS = ["model.name=spikformer_tiny", "model.options.dim=64", "data.image_size=16", "data.in_channels=1", "data.num_classes=5",
@@ -29,7 +31,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _train_step(stage: int, segment: int, rank: int, world: int) -> dict:
+def _train_step(stage: int, segment: int, rank: int, world: int, extra: tuple[str, ...] = ()) -> dict:
     """One engine step; returns full (gathered) gradients, buffers and updated weights."""
     import torch
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
@@ -39,7 +41,7 @@ def _train_step(stage: int, segment: int, rank: int, world: int) -> dict:
     from asnn_dist.train.deepspeed_config import build_engine
     from asnn_dist.train.worker import masked_loss
 
-    cfg = load_config(None, [*SETTINGS, f"engine.zero_stage={stage}", f"checkpoint.time_segment={segment}"])
+    cfg = load_config(None, [*SETTINGS, f"engine.zero_stage={stage}", f"checkpoint.time_segment={segment}", *extra])
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg)
     assert model.time_segment == segment
@@ -80,16 +82,18 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     report = {}
     try:
         for stage in STAGES:  # stage 3 last: it wraps the module with hooks
-            plain, ckpt = _train_step(stage, 0, rank, world), _train_step(stage, SEGMENT, rank, world)
-            report[stage] = dict(
-                loss=(plain["loss"], ckpt["loss"]),
-                grad=_max_rel(ckpt["grads"], plain["grads"]),
-                weight=_max_rel(ckpt["weights"], plain["weights"]),
-                buffer=_max_rel(ckpt["buffers"], plain["buffers"]),
-                grad_norm=float(sum(g.norm() ** 2 for g in plain["grads"].values()) ** 0.5),
-                params=len(plain["names"]),
-                partitioned=ckpt["partitioned"],
-            )
+            plain = _train_step(stage, 0, rank, world)
+            for schedule, extra in SCHEDULES.items():
+                ckpt = _train_step(stage, SEGMENT, rank, world, tuple(extra))
+                report[f"{stage} {schedule}"] = dict(
+                    loss=(plain["loss"], ckpt["loss"]),
+                    grad=_max_rel(ckpt["grads"], plain["grads"]),
+                    weight=_max_rel(ckpt["weights"], plain["weights"]),
+                    buffer=_max_rel(ckpt["buffers"], plain["buffers"]),
+                    grad_norm=float(sum(g.norm() ** 2 for g in plain["grads"].values()) ** 0.5),
+                    params=len(plain["names"]),
+                    partitioned=ckpt["partitioned"],
+                )
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -102,13 +106,13 @@ def test_time_checkpointing_matches_plain_under_zero2_and_zero3(tmp_path):
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, report in enumerate(reports):
-        assert sorted(report) == [str(s) for s in STAGES]
+        assert sorted(report) == sorted(f"{s} {name}" for s in STAGES for name in SCHEDULES)
         for stage, r in report.items():
             plain_loss, ckpt_loss = r["loss"]
             assert abs(plain_loss - ckpt_loss) <= 1e-5 * abs(plain_loss), (rank, stage, r)
             assert r["grad"] < 1e-5 and r["weight"] < 1e-5 and r["buffer"] < 1e-5, (rank, stage, r)
             assert r["grad_norm"] > 0 and r["params"] > 20, (rank, stage, r)
-        assert report["3"]["partitioned"] >= 5  # ZeRO-3 really split the large weights
+        assert all(report[f"3 {name}"]["partitioned"] >= 5 for name in SCHEDULES)  # ZeRO-3 split the weights
     # both ranks hold the same (averaged) gradients and weights; losses differ per batch
-    assert reports[0]["2"]["grad_norm"] == pytest.approx(reports[1]["2"]["grad_norm"], rel=1e-5)
-    assert reports[0]["2"]["loss"] != reports[1]["2"]["loss"]
+    assert reports[0]["2 levels"]["grad_norm"] == pytest.approx(reports[1]["2 levels"]["grad_norm"], rel=1e-5)
+    assert reports[0]["2 levels"]["loss"] != reports[1]["2 levels"]["loss"]

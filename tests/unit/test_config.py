@@ -68,13 +68,17 @@ def test_bad_literal_names_allowed_values():
     assert "engine.zero_stage" in msg and "5" in msg and "0, 1, 2 or 3" in msg
 
 
-def test_time_levels_reach_the_model_and_are_checked():
+def test_time_levels_and_states_reach_the_model_and_are_checked():
     from asnn_dist.models.build import model_kwargs
 
     cfg = load_config(None, ["checkpoint.time_segment=1", "checkpoint.time_levels=1"])
     assert model_kwargs(cfg)["time_levels"] == 1 and load_config(None).checkpoint.time_levels == 2
     with pytest.raises(ConfigError, match=r"checkpoint.time_levels: bad value 3.*1 or 2"):
         load_config(None, ["checkpoint.time_levels=3"])
+    cfg = load_config(None, ["checkpoint.time_segment=1", "checkpoint.time_states=2"])
+    assert model_kwargs(cfg)["time_states"] == 2 and load_config(None).checkpoint.time_states is None
+    with pytest.raises(ConfigError, match=r"checkpoint.time_states: bad value -1"):
+        load_config(None, ["checkpoint.time_states=-1"])
 
 
 def test_bad_scheme_value():

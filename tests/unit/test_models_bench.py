@@ -35,9 +35,10 @@ def test_measure_builds_every_row_and_target(monkeypatch, capsys):
     monkeypatch.setattr(bench, "run_child", in_process)
     torch.set_num_threads(1)
     argv = ["--model", "spikformer_tiny", "--image-size", "16", "--batch", "2", "--steps", "4", "8",
-            "--segments", "2", "--iters", "1", "--warmup", "0", "--threads", "1", "--json", "/dev/null"]
+            "--segments", "2", "--states", "1", "--iters", "1", "--warmup", "0", "--threads", "1", "--json", "/dev/null"]
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
-    assert "2 (best)" in out and "bf16" in out and "infer" in out
-    for needle in ("utilisation", "vs official fp32 4.8", "both k=2", "throughput cost at T=8", "digits"):
+    assert "(best)" in out and "2 S1" in out and "bf16" in out and "infer" in out
+    for needle in ("utilisation", "vs official fp32 4.8", "both k=2:", "both k=2 S1:", "[T=8 cost",
+                   "throughput cost at T=8", "digits"):
         assert needle in out, needle

@@ -3,6 +3,7 @@ gradient, BN running statistics and the updated weights agree within 1e-5 relati
 for every family and segment lengths 1, 2 and T; and it keeps less memory alive."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from asnn_dist.models.step_neurons import StepAdaptiveLIF, _WindowSteps
 from asnn_dist.models.step_norm import StepBatchNorm
 from asnn_dist.models.temporal import current_window, step_offset
+from asnn_dist.models.time_checkpoint import binomial_plan
 from asnn_dist.models.window_lif import window_adaptive_lif
 from asnn_dist.registry import create_model
 
@@ -53,11 +55,12 @@ def batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("segment,levels", [(1, 2), (1, 1), (2, 2), (T, 2)])
-def test_checkpointed_training_step_equals_plain(name, segment, levels):
+@pytest.mark.parametrize("segment,levels,states", [(1, 2, None), (1, 1, None), (2, 2, None), (T, 2, None),
+                                                  (1, 2, 0), (1, 2, 1), (2, 2, 1)])
+def test_checkpointed_training_step_equals_plain(name, segment, levels, states):
     plain = build(name)
     ckpt = copy.deepcopy(plain)
-    ckpt.time_segment, ckpt.time_levels = segment, levels
+    ckpt.time_segment, ckpt.time_levels, ckpt.time_states = segment, levels, states
     x, y = batch()
     ref, got = train_step(plain, x, y), train_step(ckpt, x, y)
     assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
@@ -119,6 +122,61 @@ def test_two_levels_keep_fewer_boundary_states():
     assert peaks[1] < 0.8 * peaks[0]
     with pytest.raises(ValueError, match="time_levels"):
         create_model("spikformer_tiny", encoding=enc, time_segment=1, time_levels=3)
+
+
+def _griewank_cost(units: int, states: int) -> int:
+    """Closed form of the fewest recomputed steps with s = states + 1 snapshots (Griewank,
+    1992): r = least repetitions with C(s + r, s) >= units, cost r * units - C(s + r, s - 1)."""
+    s, r = states + 1, 1
+    while math.comb(s + r, s) < units:
+        r += 1
+    return r * units - math.comb(s + r, s + 1)
+
+
+def test_binomial_plan_is_griewanks_optimum():
+    for units in range(1, 21):
+        assert binomial_plan(units, 0)[0] == units * (units - 1) // 2  # from the start every time
+        assert binomial_plan(units, units)[0] == max(units - 1, 0)  # every boundary kept
+        for states in range(1, 6):
+            assert binomial_plan(units, states)[0] == _griewank_cost(units, states), (units, states)
+
+
+@pytest.mark.parametrize("segment,states", [(1, 0), (1, 1), (1, 2), (2, 1)])
+def test_binomial_schedule_recomputes_what_it_plans_and_matches_plain(segment, states):
+    """T=8: equal values and gradients, and the last body BN sees T + planned recomputed steps."""
+    enc = dict(num_steps=8, direct_steps=1, scheme="threshold")
+    plain = build("spikformer_tiny", encoding=enc)
+    ckpt = copy.deepcopy(plain)
+    ckpt.time_segment, ckpt.time_states = segment, states
+    seen = []
+    last_bn = [m for m in ckpt.modules() if isinstance(m, StepBatchNorm)][-1]
+    last_bn.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    x, y = batch()
+    ref, got = train_step(plain, x, y), train_step(ckpt, x, y)
+    assert_close(got["grads"], ref["grads"], "grad")
+    assert_close(got["buffers"], ref["buffers"], "buffer")
+    assert sum(seen) == 8 + segment * binomial_plan(8 // segment, states)[0]
+
+
+def test_binomial_schedule_memory_follows_its_state_budget():
+    """T=8, k=1: fewer states, lower peak; one state beats two levels' grouping (3 states)."""
+    from asnn_dist.bench.neurons import peak_bytes
+
+    enc = dict(num_steps=8, direct_steps=1, scheme="threshold")
+    torch.manual_seed(0)
+    base = create_model("spikformer_tiny", in_channels=1, image_size=16, encoding=enc, dim=64, time_segment=1)
+    x = torch.rand(16, 1, 16, 16)
+
+    def peak(states):
+        model = copy.deepcopy(base)
+        model.time_states = states
+        return peak_bytes(lambda: model(x).sum().backward())
+
+    grouped, s0, s1, s3 = peak(None), peak(0), peak(1), peak(3)
+    assert s0 < s1 < s3 and s1 < 0.9 * grouped
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="time_states"):
+            create_model("spikformer_tiny", encoding=enc, time_segment=1, time_states=bad)
 
 
 def test_window_offsets_reach_every_step():
