@@ -101,7 +101,7 @@ def measure(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
     def add(kind: str, steps: int, precision: str, segment: int = 0, levels: int = 2,
             states: Optional[int] = None) -> dict[str, Any]:
-        label = f"{kind} T={steps} {precision}" + (f" k={segment} {_schedule(levels, states)}" if segment else "")
+        label = f"{kind} T={steps} {precision}" + (f" k={segment}{_short(levels, states)}" if segment else "")
         log(f"{label} ...")
         spec = dict(base, kind=kind, steps=steps, precision=precision, segment=segment, levels=levels, states=states)
         if kind == "infer":
@@ -139,19 +139,16 @@ def measure(args: argparse.Namespace, log=print) -> dict[str, Any]:
     return dict(peak=peak, rows=rows, accuracy=accuracy, allocator=allocator)
 
 
-def _schedule(levels: int, states: Optional[int]) -> str:
-    return f"levels={levels}" if states is None else f"states={states}"
-
-
-def _short(row: dict[str, Any]) -> str:
-    """Table suffix of a checkpointed row's schedule: '' (levels 2), ' L1' or ' S<n>' (states n)."""
-    if row.get("states") is not None:
-        return f" S{row['states']}"
-    return "" if row.get("levels", 2) == 2 else " L1"
+def _short(levels: int, states: Optional[int]) -> str:
+    """Suffix of a checkpoint schedule after k: '' (levels 2), ' L1' or ' S<n>' (states n)."""
+    if states is not None:
+        return f" S{states}"
+    return "" if levels == 2 else " L1"
 
 
 def _name(row: dict[str, Any]) -> str:
-    return f"{row['segment']}{_short(row)}"
+    """k and schedule of a checkpointed row, as the table shows them (e.g. '1 S2')."""
+    return f"{row['segment']}{_short(row.get('levels', 2), row.get('states'))}"
 
 
 def _vs_official(row: dict[str, Any]) -> tuple[str, str]:
@@ -166,7 +163,7 @@ def format_table(result: dict[str, Any]) -> str:
     cells = [cols]
     for r in result["rows"]:
         speed, mem = _vs_official(r)
-        k = (str(r["segment"]) + _short(r) + (" (best)" if r.get("best") else "") if r["segment"] else "-")
+        k = _name(r) + (" (best)" if r.get("best") else "") if r["segment"] else "-"
         cost = f"{r['cost']:.0%}" if "cost" in r else "-"
         cells.append([r["kind"], str(r["steps"]), r["precision"], k, f"{r['img_s']:.2f}", cost,
                       f"{r['peak_mib']:.0f}", f"{r['gflops']:.1f}", f"{100 * r['util']:.0f}%", speed, mem])

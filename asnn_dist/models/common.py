@@ -20,7 +20,7 @@ from asnn_dist.models.lean import SpikeConv2d, SpikeLinear, packing
 from asnn_dist.models.step_neurons import windowed_class
 from asnn_dist.models.step_norm import StepBatchNorm
 from asnn_dist.models.temporal import cat_steps, channels_last_seq, shifted, step_offset
-from asnn_dist.models.time_checkpoint import run_time_segments
+from asnn_dist.models.time_checkpoint import check_schedule, run_time_segments
 from asnn_dist.snn import PerStepReadout, build_encoder
 
 NeuronFactory = Callable[..., nn.Module]
@@ -139,11 +139,7 @@ class SpikingClassifier(nn.Module, abc.ABC):
         super().__init__()
         if isinstance(time_segment, bool) or not isinstance(time_segment, int) or time_segment < 0:
             raise ValueError(f"time_segment must be an integer >= 0 (0 = off), got {time_segment!r}")
-        if time_levels not in (1, 2):
-            raise ValueError(f"time_levels must be 1 or 2, got {time_levels!r}")
-        if time_states is not None and (isinstance(time_states, bool) or not isinstance(time_states, int)
-                                        or time_states < 0):
-            raise ValueError(f"time_states must be an integer >= 0 or None (use time_levels), got {time_states!r}")
+        check_schedule(time_levels, time_states)
         enc = {**DEFAULT_ENCODING, **(encoding or {})}
         self.encoder = build_encoder(**enc)
         self.num_steps = self.encoder.num_steps

@@ -81,6 +81,14 @@ def _run_group(
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs), *state)
 
 
+def check_schedule(levels: int, states: Optional[int]) -> None:
+    """Raise ValueError unless ``levels`` is 1 or 2 and ``states`` is None or an integer >= 0."""
+    if levels not in (1, 2):
+        raise ValueError(f"time_levels must be 1 or 2, got {levels!r}")
+    if states is not None and (isinstance(states, bool) or not isinstance(states, int) or states < 0):
+        raise ValueError(f"time_states must be an integer >= 0 or None (use time_levels), got {states!r}")
+
+
 @lru_cache(maxsize=None)
 def binomial_plan(units: int, states: int) -> tuple[int, int]:
     """(recomputed units, head length) of the cheapest schedule that differentiates ``units``
@@ -124,10 +132,7 @@ def run_time_segments(
     (``binomial_plan``), which then replaces ``levels``."""
     if segment < 1:
         raise ValueError(f"time_segment must be >= 1 to checkpoint, got {segment}")
-    if levels not in (1, 2):
-        raise ValueError(f"time_levels must be 1 or 2, got {levels!r}")
-    if states is not None and (isinstance(states, bool) or not isinstance(states, int) or states < 0):
-        raise ValueError(f"time_states must be an integer >= 0 (or None for time_levels), got {states!r}")
+    check_schedule(levels, states)
     neurons = step_neurons(model)
     if states is not None:
         return _run_binomial(body, neurons, 0, segment, states, pack, x_seq, *[None] * len(neurons))[0]
