@@ -23,7 +23,7 @@ What is measured, per layer shape and T, all fp32 on the current device (CPU her
   in a network it is another layer's output kept alive only for this layer.
 Layers: Spikformer-sized [T, 32, 64 tokens, 384 ch] and conv-sized [T, 32, 128, 16, 16].
 Allocator: by default this process gets the glibc malloc thresholds the training workers run
-with (``train.launcher.WORKER_ENV``), so freed layer-sized buffers are reused instead of being
+with (``train.ray_setup.WORKER_ENV``), so freed layer-sized buffers are reused instead of being
 unmapped and faulted in again on every call (which costs about as much as the C kernel's
 work); ``--malloc default`` keeps glibc's defaults.
 
@@ -236,7 +236,7 @@ def use_worker_malloc() -> bool:
     import ctypes
     import ctypes.util
 
-    from asnn_dist.train.launcher import WORKER_ENV
+    from asnn_dist.train.ray_setup import WORKER_ENV
 
     name = ctypes.util.find_library("c")
     try:

@@ -23,7 +23,7 @@ unmaps freed blocks above its (dynamic) mmap threshold and faults them in again 
 (system CPU); once any block of tens of MB has been freed, e.g. after ``ray.init`` in this
 process, the threshold is raised and the same loop runs 25-40 % faster. So by default every
 side runs with the fixed thresholds the training workers get (``MALLOC_ENV``, from
-``train.launcher.WORKER_ENV``): the same allocator regime on both sides of the ratio.
+``train.ray_setup.WORKER_ENV``): the same allocator regime on both sides of the ratio.
 ``--malloc default`` gives the local sides glibc's defaults instead (the Ray worker keeps its
 thresholds, so that run mixes regimes).
 
@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from asnn_dist.bench.common import (CpuSampler, close_local_group, format_table, local_group, median,
                                     quiet_libraries)
-from asnn_dist.train.launcher import WORKER_ENV
+from asnn_dist.train.ray_setup import WORKER_ENV
 
 if TYPE_CHECKING:
     from torch import nn
@@ -263,7 +263,8 @@ def run_ray(cfg: "ExperimentConfig", env: Optional[dict[str, str]] = None) -> Si
     import ray
     from mlflow.tracking import MlflowClient
 
-    from asnn_dist.train.launcher import local_ray_init_kwargs, run_training
+    from asnn_dist.train.launcher import run_training
+    from asnn_dist.train.ray_setup import local_ray_init_kwargs
 
     started_here = not ray.is_initialized()
     t0 = time.perf_counter()

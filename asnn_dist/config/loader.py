@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from asnn_dist.config.schema import ExperimentConfig
+from asnn_dist.config.schema import ExperimentConfig, TrackingConfig
 from asnn_dist.errors import ConfigError
 
 SECRET_KEY_HINTS = ("secret", "password", "access_key", "token", "credential")
@@ -172,6 +172,16 @@ def _is_url(text: str) -> bool:
     return "://" in text
 
 
+def _tracking_uri_from_env() -> Optional[str]:
+    """MLFLOW_TRACKING_URI, as a cluster sets it on its nodes (checked like tracking.uri)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or None
+    try:
+        return TrackingConfig(uri=uri).uri
+    except ValidationError:
+        raise ConfigError("MLFLOW_TRACKING_URI: credentials in the tracking URI; put them in "
+                          "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead") from None
+
+
 def resolve_paths(cfg: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
     """Fill path defaults under ``workdir`` and make every local path absolute."""
     cfg = cfg.model_copy(deep=True)
@@ -187,7 +197,7 @@ def resolve_paths(cfg: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
     elif not _is_url(cfg.run.storage_path):
         cfg.run.storage_path = str((base_dir / cfg.run.storage_path).resolve())
     if cfg.tracking.uri is None:
-        cfg.tracking.uri = f"sqlite:///{Path(cfg.workdir) / 'mlflow.db'}"
+        cfg.tracking.uri = _tracking_uri_from_env() or f"sqlite:///{Path(cfg.workdir) / 'mlflow.db'}"
     if cfg.tracking.artifact_location is None and not cfg.tracking.uri.startswith(("http://", "https://")):
         cfg.tracking.artifact_location = str(Path(cfg.workdir) / "mlartifacts")
     return cfg

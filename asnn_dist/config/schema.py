@@ -149,6 +149,8 @@ class RunConfig(Section):
     max_failures: int = Field(0, ge=-1, description="worker-group restarts before giving up (-1 = forever)")
     storage_path: Optional[str] = Field(None, description="Ray Train storage (local path or s3://); default <workdir>/ray_results")
     ray_address: Optional[str] = Field(None, description="Ray cluster address; default: RAY_ADDRESS or a local instance")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers on nodes: PACK fills nodes, SPREAD/STRICT_SPREAD put them on different nodes")
     log_every_steps: int = Field(10, ge=1, description="metric logging cadence in optimizer steps")
     eval_every_steps: int = Field(0, ge=0, description="evaluate every N optimizer steps (0 = at each epoch end only)")
     spike_stats: bool = Field(True, description="firing rates, synaptic operations and energy during evaluation")
@@ -164,7 +166,7 @@ class S3Config(Section):
 
 
 class TrackingConfig(Section):
-    uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite:///<workdir>/mlflow.db")
+    uri: Optional[str] = Field(None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db")
     experiment: str = Field("asnn-dist", description="MLflow experiment name")
     artifact_location: Optional[str] = Field(
         None, description="artifact root of a new experiment; default <workdir>/mlartifacts for a local "

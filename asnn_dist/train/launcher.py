@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,15 +14,6 @@ from asnn_dist.config import ExperimentConfig, dump_config, flatten_config
 from asnn_dist.errors import UserError
 
 log = logging.getLogger(__name__)
-
-# Quiet, known-harmless library chatter in workers (deprecations inside torch/DeepSpeed).
-WORKER_ENV = {
-    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
-    # Keep freed activation memory in the process instead of returning it to the OS every
-    # step and faulting it back in (measured: ~19% more images/s per CPU worker).
-    "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "67108864"),
-    "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_", "268435456"),
-}
 
 
 @dataclass
@@ -53,48 +43,6 @@ def prepare_data(cfg: ExperimentConfig) -> None:
         build_digits_shards(cfg.data.root, samples_per_shard=cfg.data.samples_per_shard, seed=cfg.seed)
     for split in (cfg.data.train_split, cfg.data.val_split):
         load_manifest(f"{cfg.data.root}/{split}.manifest.json")
-
-
-# Ray system settings of the local instance that ``asnn-dist train`` starts itself (never of a
-# cluster it connects to: ``ray start`` / ``ray job submit`` set up their own). Both only cut
-# background work that a one-machine run does not use, measured in ``asnn-dist bench train``:
-# - enable_metrics_collection: every Ray process records and exports Prometheus metrics, and the
-#   dashboard agent samples every process for them, every few seconds; a local instance has no
-#   Prometheus scraping it. The dashboard itself (its state API, which Ray Train's
-#   placement-group cleaner and ``ray list actors`` use, and its token auth) stays.
-# - prestart_worker_first_driver: Ray starts one idle worker process per CPU for the driver's
-#   first tasks; Ray Train starts its actors itself, and the idle ones each poll all run long.
-# Set RAY_<name> in the environment (e.g. RAY_enable_metrics_collection=1) to keep Ray's default.
-LOCAL_RAY_SYSTEM_CONFIG: dict[str, Any] = {"enable_metrics_collection": False, "prestart_worker_first_driver": False}
-
-
-def worker_runtime_env(cfg: ExperimentConfig) -> dict[str, Any]:
-    env_vars = dict(WORKER_ENV)
-    if not cfg.run.use_gpu:  # CPU runs: skip DeepSpeed's accelerator probing (and its warning)
-        env_vars["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
-    return {"env_vars": env_vars}
-
-
-def local_ray_init_kwargs(cfg: ExperimentConfig, log_to_driver: bool = True) -> dict[str, Any]:
-    """``ray.init`` keywords of the local instance ``init_ray`` starts (also used by ``bench train``)."""
-    need = int(cfg.run.num_workers * cfg.run.cpus_per_worker + 0.999)
-    system = {k: v for k, v in LOCAL_RAY_SYSTEM_CONFIG.items() if f"RAY_{k}" not in os.environ}
-    # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
-    return dict(num_cpus=max(os.cpu_count() or 1, need), runtime_env=worker_runtime_env(cfg),
-                log_to_driver=log_to_driver, configure_logging=False, _system_config=system)
-
-
-def init_ray(cfg: ExperimentConfig) -> None:
-    """Connect to RAY_ADDRESS / run.ray_address, or start a local instance sized for the run."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=worker_runtime_env(cfg), log_to_driver=True)
-        return
-    ray.init(**local_ray_init_kwargs(cfg))
 
 
 RUN_NAME_TAG = "asnn.run_name"
@@ -150,6 +98,7 @@ def run_training(cfg: ExperimentConfig) -> TrainOutcome:
     if not cfg.run.name:
         cfg = cfg.model_copy(deep=True)
         cfg.run.name = default_run_name(cfg)
+    from asnn_dist.train.ray_setup import init_ray
     from asnn_dist.train.storage import ray_storage, s3_endpoint
 
     prepare_data(cfg)
@@ -163,6 +112,7 @@ def run_training(cfg: ExperimentConfig) -> TrainOutcome:
         scaling_config=ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
             resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+            placement_strategy=cfg.run.placement_strategy,
         ),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,

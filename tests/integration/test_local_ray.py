@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     import psutil, ray
     from ray.util.state import list_actors
     from asnn_dist.config import load_config
-    from asnn_dist.train.launcher import init_ray
+    from asnn_dist.train.ray_setup import init_ray
 
     init_ray(load_config(None, ["run.num_workers=1"]))
     time.sleep(3)

@@ -183,3 +183,21 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(55, 100, 1.0, warmup=10, min_lr=0.0) == pytest.approx(0.5)
     assert lr_at(100, 100, 1.0, warmup=10, min_lr=0.1) == pytest.approx(0.1)
     assert lr_at(50, 100, 0.3, kind="constant") == 0.3
+
+
+def test_tracking_uri_defaults_to_mlflow_tracking_uri_env(monkeypatch, tmp_path):
+    """A cluster sets MLFLOW_TRACKING_URI on its nodes; a job's config need not repeat it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert load_config(None, [f"workdir={tmp_path}"]).tracking.uri == "http://mlflow.internal:5000"
+    assert load_config(None, [f"workdir={tmp_path}", "tracking.uri=sqlite:///x.db"]).tracking.uri == "sqlite:///x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:pw@mlflow.internal:5000")
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI: credentials"):
+        load_config(None, [f"workdir={tmp_path}"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert load_config(None, [f"workdir={tmp_path}"]).tracking.uri == f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_placement_strategy_is_validated():
+    assert load_config(None, ["run.placement_strategy=STRICT_SPREAD"]).run.placement_strategy == "STRICT_SPREAD"
+    with pytest.raises(ConfigError, match="run.placement_strategy"):
+        load_config(None, ["run.placement_strategy=SCATTER"])
