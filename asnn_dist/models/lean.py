@@ -2,13 +2,16 @@
 
 Why: a conv, linear or matmul saves its input for the weight gradient, and max-pooling saves
 its input and int64 indices. When that input is a spike tensor (exactly 0 or 1), storing it
-as 1 bit per value is lossless and 32x smaller than float32 (the C kernel of ``snn.native``
-packs it and checks every value is 0 or 1); a sum of a few spike tensors (the residual
-streams of Spikformer and SEW-ResNet: small non-negative integers), or a tensor the kernel
-cannot take (GPU, bf16), is stored as uint8, lossless and 4x smaller. The layers below do
-the math of their torch counterparts in custom autograd functions that save the packed copy
-(max-pooling recomputes its indices from it in backward). Being ordinary saved tensors, the
-copies also pass through time-step checkpointing, so recomputed segments stay lean too.
+as 1 bit per value is lossless and 32x smaller than float32. On CPU the C kernel of
+``snn.native`` packs it and checks every value is 0 or 1 (float32/float64). On CUDA the Triton
+kernels of ``snn.triton_bits`` pack the tensors a fused neuron produced (``snn.spike_registry``;
+any float dtype), without a check whose answer would have to be synced to the host. A sum of
+a few spike tensors (the residual streams of Spikformer and SEW-ResNet: small non-negative
+integers), or a tensor no kernel takes, is stored as uint8, lossless and 4x smaller. The
+layers below do the math of their torch counterparts in custom autograd functions that save
+the packed copy (max-pooling recomputes its indices from it in backward). Being ordinary saved
+tensors, the copies also pass through time-step checkpointing, so recomputed segments stay
+lean too.
 
 Callers promise integer values in [0, 255] (they know it from the structure). Packing is on
 only inside ``packing(True)`` (the model's forward) while gradients are recorded; otherwise
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from asnn_dist.snn import native
+from asnn_dist.snn import backends, native, spike_registry
 
 _local = threading.local()
 
@@ -70,13 +73,18 @@ def _memory_order(x: Tensor) -> Optional[Tensor]:
 
 
 def pack(x: Tensor) -> tuple[Tensor, tuple]:
-    """(stored tensor, meta): 1 bit per value when all values are 0 or 1 and the C kernel can
-    take x, else uint8 (the caller promises integers in [0, 255])."""
+    """(stored tensor, meta): 1 bit per value when all values are 0 or 1 and a kernel can take
+    x (C: checked while packing; Triton: a fused neuron's spikes), else uint8 (the caller
+    promises integers in [0, 255])."""
     flat = _memory_order(x)
-    if flat is not None and native.supports(flat):
-        bits = native.pack_bits(flat)
-        if bits is not None:
-            return bits, ("bits", x.shape, flat is not x, x.dtype)
+    backend = "torch" if flat is None else backends.bits_backend(flat)
+    bits = None
+    if backend == "c":
+        bits = native.pack_bits(flat)  # type: ignore[arg-type]
+    elif backend == "triton" and spike_registry.is_spikes(flat):  # type: ignore[arg-type]
+        bits = backends.triton_bits().pack(flat)[0]
+    if bits is not None:
+        return bits, ("bits", x.shape, flat is not x, x.dtype)
     return x.to(torch.uint8), ("u8", x.shape, False, x.dtype)
 
 
@@ -86,8 +94,12 @@ def unpack(stored: Tensor, meta: tuple, dtype: torch.dtype) -> Tensor:
     if kind == "u8":
         return stored.to(dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty(shape, dtype=x_dtype, memory_format=fmt)
-    native.unpack_bits(stored, out.permute(0, 2, 3, 1) if channels_last else out)
+    out = torch.empty(shape, dtype=x_dtype, memory_format=fmt, device=stored.device)
+    flat = out.permute(0, 2, 3, 1) if channels_last else out
+    if backends.bits_backend(flat) == "triton":
+        backends.triton_bits().unpack(stored, flat)
+    else:
+        native.unpack_bits(stored, flat)
     return out.to(dtype)
 
 

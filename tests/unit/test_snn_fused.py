@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import asnn_dist.snn.fused as fused
+from asnn_dist.snn import native
 from asnn_dist.registry import SURROGATES
 from asnn_dist.snn.functional import adaptive_lif_step, lif_step, multistep_loop
 from asnn_dist.snn.fused import fused_adaptive_lif, fused_lif
@@ -236,3 +237,34 @@ def test_fused_no_grad_and_bad_parameter_shapes() -> None:
         fused_adaptive_lif(x, torch.full((2,), 0.5), 0.5, 1.0, sur)
     with pytest.raises(ValueError, match="reset"):
         fused_adaptive_lif(x, 0.5, 0.5, 1.0, sur, reset="partial")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("reset,detach,sur_name", [("soft", False, "sigmoid"), ("hard", True, "atan"),
+                                                   ("soft", True, "atan"), ("hard", False, "sigmoid")])
+def test_torch_ops_device_form_is_bit_identical_to_host_form(monkeypatch, dtype, reset, detach, sur_name) -> None:
+    """Off the CPU the torch-op path takes leak, gain and a tensor threshold as 0-dim device
+    tensors (reading them as floats would sync the host); run that form here: same bits."""
+    steps = 5
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(steps, 3, 70, generator=g) * 1.5 + 0.6).to(dtype)
+    gout = torch.randn(x.shape, generator=g).to(dtype)
+    leak, gain = (p.to(dtype) for p in _params(steps, True, 3))
+    sur = SURROGATES.create(sur_name)
+    for lk, gn, thr in ((leak, gain, torch.tensor(0.83, dtype=dtype)), (leak[:1], gain[:1], 0.83)):
+        outs = []
+        for devices in (fused.HOST_SCALAR_DEVICES, ()):
+            monkeypatch.setattr(fused, "HOST_SCALAR_DEVICES", devices)
+            with native.forced(False):
+                outs.append(_run_adaptive("fused", x, lk, gn, thr, sur, reset, detach, gout))
+        assert len(outs[0]) == len(outs[1])
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+    lif = []  # float parameters (SpikingJelly LIF): filled on the device in the device form
+    for devices in (fused.HOST_SCALAR_DEVICES, ()):
+        monkeypatch.setattr(fused, "HOST_SCALAR_DEVICES", devices)
+        with native.forced(False):
+            xr = x.clone().requires_grad_()
+            s = fused_lif(xr, 2.5, 0.9, sur, None if reset == "soft" else 0.1, True, detach)
+            lif.append((s, *torch.autograd.grad(s, xr, gout)))
+    assert all(torch.equal(a, b) for a, b in zip(*lif))
