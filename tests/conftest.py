@@ -89,3 +89,22 @@ def mlflow_http(tmp_path_factory, postgres_uri, s3_endpoint) -> str:
     env = {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
     with mlflow_server(postgres_uri, "s3://asnn-mlflow/artifacts", log_path=str(base / "server.log"), env=env) as uri:
         yield uri
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_endpoint, mlflow_http):
+    """A real 3-node Ray cluster on loopback: a head (1 CPU, the job driver's slot) and two worker
+    nodes (1 CPU each, custom resources asnn_node_a / asnn_node_b), token auth on. The nodes get
+    what a real cluster's nodes get from their instance role and config maps: the S3 endpoint
+    and credentials (moto's, dummy) and MLFLOW_TRACKING_URI. Always torn down."""
+    from asnn_dist.testing.ray_cluster import RayCluster
+
+    cluster = RayCluster(env={"AWS_ENDPOINT_URL": s3_endpoint, "MLFLOW_TRACKING_URI": mlflow_http,
+                              "PYTHONWARNINGS": "ignore::DeprecationWarning"})
+    try:
+        cluster.start_head(num_cpus=1)
+        cluster.add_node("a", num_cpus=1, resources={"asnn_node_a": 1})
+        cluster.add_node("b", num_cpus=1, resources={"asnn_node_b": 1})
+        yield cluster
+    finally:
+        cluster.stop()

@@ -4,7 +4,7 @@ all on loopback. Used by the cluster tests; every wait is bounded and ``stop`` a
 
 Each node is a ``ray start --block`` process; its process tree (raylet, GCS, dashboard, agents,
 workers) is what ``kill_node`` SIGKILLs, the way a machine dies. The cluster lives in its own
-temp dir, so a ``ray.init()`` elsewhere on the machine never finds it by accident.
+temp dirs, so a ``ray.init()`` elsewhere on the machine never finds it by accident.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ class RayCluster:
     def __init__(self, env: Optional[dict[str, str]] = None) -> None:
         # Short path: Ray's Unix sockets live under it (108-byte limit).
         self.root = Path(tempfile.mkdtemp(prefix="asnnrc-", dir="/tmp"))
-        self.temp_dir = self.root / "ray"
         token_home = self.root / "home"
         token_home.mkdir()
         self.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token"}
@@ -66,7 +65,8 @@ class RayCluster:
         self.nodes: dict[str, Node] = {}
         self.gcs_address = ""
         self.dashboard_url = ""
-        self._ports = iter(range(20000 + (os.getpid() % 200) * 150, 65000, 150))
+        # Worker port ranges below Linux's ephemeral range (32768+), where free_port() picks.
+        self._ports = iter(range(10000 + (os.getpid() % 80) * 250, 32000, 250))
 
     # ---- nodes ---------------------------------------------------------------------------
     def _node_ports(self) -> list[str]:
@@ -77,9 +77,20 @@ class RayCluster:
                 "--min-worker-port", str(base), "--max-worker-port", str(base + 120)]
 
     def _start(self, name: str, args: list[str], resources: dict[str, float], timeout_s: float) -> Node:
+        for attempt in range(3):  # another process may take a probed port before Ray binds it
+            try:
+                return self._start_once(name, args, resources, timeout_s)
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self, name: str, args: list[str], resources: dict[str, float], timeout_s: float) -> Node:
         log = self.root / f"{name}.log"
+        # One temp dir per node, as separate machines have: a shared one would let one node's
+        # runtime-env cleanup delete another node's job working dir.
         cmd = [RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
-               "--temp-dir", str(self.temp_dir), "--resources", json.dumps(resources), *self._node_ports(), *args]
+               "--temp-dir", str(self.root / name), "--resources", json.dumps(resources), *self._node_ports(), *args]
         with open(log, "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         node = Node(name, proc, log, resources)

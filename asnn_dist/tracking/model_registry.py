@@ -7,9 +7,10 @@ so a worse rerun never silently replaces a good model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -48,20 +49,22 @@ def log_and_register(
     with torch.no_grad():
         out = model(example)
     signature = infer_signature(example.numpy(), out.numpy())
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), _without_pickle_notice():
         info = mlflow.pytorch.log_model(
             model,
             name="model",
             signature=signature,
             input_example=example.numpy(),
-            registered_model_name=registered_name,
             # pickle keeps our module (anytime(), num_steps, ...); pt2 export would freeze it.
             serialization_format="pickle",
+            # Said, not inferred: inference reloads the model in a subprocess and warns about
+            # torch's local version label (+cpu / +cu128), which pip could not install anyway.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
     if not registered_name:
         return None
     client = MlflowClient(tracking_uri=tracking_uri)
-    version = str(info.registered_model_version)
+    version = _create_version(client, registered_name, info.model_uri, run_id, info.model_id)
     client.set_model_version_tag(registered_name, version, METRIC_TAG, f"{metric_name}={metric_value:.6f}")
     moved = _maybe_move_alias(client, registered_name, alias, version, metric_value)
     return Registration(registered_name, version, moved, f"models:/{registered_name}/{version}")
@@ -77,6 +80,35 @@ def _current_metric(client, name: str, alias: str) -> Optional[float]:
         return float(tag.split("=", 1)[1])
     except (IndexError, ValueError):
         return None
+
+
+class _DropPickleNotice(logging.Filter):
+    """MLflow warns on every pickle-format save; we chose pickle on purpose (see above)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Pickle or CloudPickle format" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_pickle_notice() -> Iterator[None]:
+    logger, notice = logging.getLogger("mlflow.pytorch"), _DropPickleNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
+def _create_version(client, name: str, source: str, run_id: str, model_id: Optional[str]) -> str:
+    """Register through the client (the fluent API also prints what our summary line says)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return str(client.create_model_version(name, source, run_id=run_id, model_id=model_id).version)
 
 
 def _maybe_move_alias(client, name: str, alias: str, version: str, value: float) -> bool:

@@ -3,6 +3,7 @@ then register the consolidated model in MLflow. Runs on the head node (or a lapt
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import tempfile
@@ -98,6 +99,7 @@ def run_training(cfg: ExperimentConfig) -> TrainOutcome:
     if not cfg.run.name:
         cfg = cfg.model_copy(deep=True)
         cfg.run.name = default_run_name(cfg)
+    from asnn_dist.train.progress import DriverProgress, start_board
     from asnn_dist.train.ray_setup import init_ray
     from asnn_dist.train.storage import ray_storage, s3_endpoint
 
@@ -106,9 +108,10 @@ def run_training(cfg: ExperimentConfig) -> TrainOutcome:
     run_id = start_mlflow_run(cfg)
     save_resolved_config(cfg)
     init_ray(cfg)
+    board = start_board() if cfg.run.progress else None
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "progress_board": board},
         scaling_config=ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
             resources_per_worker={"CPU": cfg.run.cpus_per_worker},
@@ -122,7 +125,8 @@ def run_training(cfg: ExperimentConfig) -> TrainOutcome:
         ),
     )
     try:
-        result = trainer.fit()
+        with DriverProgress(board) if board is not None else contextlib.nullcontext():
+            result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - surface the worker's user error as one line
         raise _unwrap_user_error(exc) from exc
     return _finish(cfg, run_id, result)

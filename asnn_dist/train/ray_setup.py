@@ -81,5 +81,8 @@ def init_ray(cfg: ExperimentConfig) -> None:
     """Connect to RAY_ADDRESS / run.ray_address, or start a local instance sized for the run."""
     import ray
 
+    from asnn_dist.train.console import install_log_filter
+
     if not ray.is_initialized():
         ray.init(**ray_init_kwargs(cfg))
+    install_log_filter()
