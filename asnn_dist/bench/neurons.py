@@ -1,7 +1,9 @@
 """Neuron kernel benchmark: fused multi-step adaptive LIF vs the loop of step functions
 (vs SpikingJelly's multi-step LIFNode, torch backend, when it is installed).
 
-Run: ``asnn-dist bench neurons --steps 4 8 16 --repeats 5 [--threads N]``.
+Run: ``asnn-dist bench neurons --steps 4 8 16 --repeats 5 [--threads N]``; on a GPU
+``asnn-dist bench neurons --device cuda [--peak-gbs 4800] [--dtype bfloat16]`` times the Triton
+kernel against the torch-op fallback and reports its memory bandwidth (``bench/neurons_cuda.py``).
 Neurons: ASNN AdaptiveLIF (per-step leak/gain, soft reset, sigmoid surrogate) with the
 "fused" backend (on CPU its compiled C kernel, ``snn.native``), the same fused kernel on its
 torch-op path ("fused-ops", what GPUs and other dtypes run) and the "loop" backend (the step
@@ -41,6 +43,7 @@ sequences. There the neuron's saved tensors make the difference in the peak.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import statistics
 import time
@@ -59,7 +62,9 @@ LAYERS = {"spikformer": (32, 64, 384), "conv": (32, 128, 16, 16)}
 MB = 2.0**20
 
 
-def _spikingjelly_lif() -> Callable[[], nn.Module] | None:
+def _spikingjelly_lif(backend: str = "torch") -> Callable[[], nn.Module] | None:
+    """A factory of SpikingJelly's multi-step LIFNode (``backend``: its torch or cupy kernels),
+    or None when SpikingJelly is not installed."""
     try:
         from spikingjelly.activation_based import functional, neuron, surrogate
     except ImportError:
@@ -75,7 +80,7 @@ def _spikingjelly_lif() -> Callable[[], nn.Module] | None:
                 step_mode="m",
             )
             if "backend" in inspect.signature(neuron.LIFNode.__init__).parameters:
-                kwargs["backend"] = "torch"  # SpikingJelly < 2.0 also has cupy/triton
+                kwargs["backend"] = backend  # SpikingJelly < 2.0 also has cupy/triton
             self.node = neuron.LIFNode(**kwargs)
 
         def forward(self, x: Tensor) -> Tensor:
@@ -251,8 +256,9 @@ def use_worker_malloc() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16], help="time steps T")
+    parser = argparse.ArgumentParser(prog="asnn-dist bench neurons", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=None,
+                        help="time steps T (default: 4 8 16 on cpu, 8 on cuda)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
@@ -261,9 +267,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="glibc malloc thresholds: the training workers' (default) or glibc's own")
     parser.add_argument("--stack", type=int, default=4,
                         help="also measure a stack of this many Linear+neuron blocks (0 = off)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: C kernel vs torch ops vs loop; cuda: Triton kernel vs torch ops vs loop, "
+                             "with memory bandwidth")
+    parser.add_argument("--peak-gbs", type=float, default=4800.0,
+                        help="--device cuda: the GPU's peak memory bandwidth in GB/s (default: H200's 4800)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="--device cuda: activation dtype (default float32)")
     args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = [8] if args.device == "cuda" else [4, 8, 16]
     if any(t < 1 for t in args.steps) or args.repeats < 1:
         parser.error("--steps values and --repeats must be >= 1")
+    if args.device == "cuda":
+        from asnn_dist.bench import neurons_cuda
+
+        problem = neurons_cuda.check_device()
+        if problem:
+            parser.error(problem)
+        if args.peak_gbs <= 0:
+            parser.error("--peak-gbs must be > 0")
+        sj = _spikingjelly_lif("cupy" if importlib.util.find_spec("cupy") else "torch")
+        return neurons_cuda.main(tuple(args.steps), args.repeats, getattr(torch, args.dtype), args.peak_gbs, sj)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     malloc = "worker malloc thresholds" if args.malloc == "worker" and use_worker_malloc() else "default malloc"

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from asnn_dist.models.temporal import current_window, is_channels_last_seq, step_offset
 from asnn_dist.models.window_lif import window_adaptive_lif
+from asnn_dist.snn import spike_registry
 from asnn_dist.snn.functional import adaptive_lif_step, lif_step
 from asnn_dist.snn.neurons import LIF, AdaptiveLIF, SpikingNeuron
 
@@ -77,7 +78,11 @@ class WindowedNeuron:
         else:
             v0 = window.state.get(self)  # type: ignore[call-overload]
             spikes, window.state[self] = self.window_forward(x, v0, step_offset())  # type: ignore[index]
-        spikes = spikes.to(dtype)
+        if spikes.dtype != dtype:
+            marked = spike_registry.is_spikes(spikes)
+            spikes = spikes.to(dtype)
+            if marked:  # still exactly 0/1: lean storage may keep it as bits (snn.spike_registry)
+                spike_registry.mark(spikes)
         return spikes.permute(0, 1, 4, 2, 3) if permuted else spikes
 
     def window_forward(self, x: Tensor, v0: Optional[Tensor], t0: int) -> tuple[Tensor, Tensor]:

@@ -101,3 +101,56 @@ def test_triton_kernels_under_the_interpreter():
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert proc.returncode == 0 and " passed" in summary and "skipped" not in summary, \
         f"child pytest failed (rc {proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+
+
+def test_model_neurons_keep_the_mark_through_their_dtype_cast():
+    """Model neurons integrate bf16 input in fp32 and cast the spikes back: still marked."""
+    from asnn_dist.models.step_neurons import windowed_class
+    from asnn_dist.snn.neurons import AdaptiveLIF
+
+    neuron = windowed_class(AdaptiveLIF)(4)
+    s = neuron((2 * torch.randn(4, 3, 10)).bfloat16())
+    assert s.dtype == torch.bfloat16 and spike_registry.is_spikes(s)
+
+
+@needs_triton
+def test_triton_kernels_compile_for_sm90_without_spills():
+    """What the interpreter cannot check: the kernels type-check and compile for an H100/H200
+    (sm_90) here, without a GPU, keep every value in registers (no local memory), and leave the
+    forward's multiply-adds unfused (the step loop's rounding)."""
+    try:
+        import triton
+        import triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as err:
+        pytest.skip(f"this triton has no offline compile API: {err}")
+    triton_lif = backends.triton_lif()
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+    def build(fn, types: dict, consts: dict):
+        sig = {name: types.get(name, "*fp32") for name in fn.arg_names if name not in consts}
+        src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": triton_lif.NUM_WARPS, "enable_fp_fusion": False})
+        if cuobjdump.exists():
+            cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"asnn-{fn.__name__}-{os.getpid()}.cubin"
+            cubin.write_bytes(kernel.asm["cubin"])
+            usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
+                                   text=True).stdout
+            cubin.unlink()
+            assert "LOCAL:0" in usage, usage
+        return kernel.asm["ptx"]
+
+    scalars = {"thr_val": "fp32", "alpha": "fp32", "n": "i32", "steps": "i32", "leak_stride": "i32",
+               "gain_stride": "i32"}
+    ptx = build(triton_lif._lif_forward, scalars, dict(HARD=False, THR_PTR=False, ACC=tl.float32, BLOCK=1024))
+    assert "fma.rn.f32" not in ptx
+    bf16 = dict(scalars, x_ptr="*bf16", go_ptr="*bf16", gx_ptr="*bf16")
+    for types, consts in ((scalars, dict(HARD=False, DETACH=False, SUR=0, THR_PTR=False)),
+                          (bf16, dict(HARD=True, DETACH=True, SUR=1, THR_PTR=True))):
+        build(triton_lif._lif_backward, types, dict(consts, STORE_GX=True, ACC=tl.float32, T_PAD=8,
+                                                     BLOCK=triton_lif.backward_block(8)))
+    triton_bits = backends.triton_bits()
+    build(triton_bits._pack, {"x_ptr": "*bf16", "bits_ptr": "*u8", "flag_ptr": "*i32", "n": "i32"}, dict(BLOCK=512))
+    build(triton_bits._unpack, {"bits_ptr": "*u8", "y_ptr": "*fp32", "n": "i32"}, dict(BLOCK=512))
