@@ -96,7 +96,7 @@ def unpack(stored: Tensor, meta: tuple, dtype: torch.dtype) -> Tensor:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(shape, dtype=x_dtype, memory_format=fmt, device=stored.device)
     flat = out.permute(0, 2, 3, 1) if channels_last else out
-    if backends.bits_backend(flat) == "triton":
+    if stored.device.type != "cpu" or backends.bits_backend(flat) == "triton":  # bits on a GPU: Triton made them
         backends.triton_bits().unpack(stored, flat)
     else:
         native.unpack_bits(stored, flat)
