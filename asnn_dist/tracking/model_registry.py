@@ -58,7 +58,7 @@ def log_and_register(
             # pickle keeps our module (anytime(), num_steps, ...); pt2 export would freeze it.
             serialization_format="pickle",
             # Said, not inferred: inference reloads the model in a subprocess and warns about
-            # torch's local version label (+cpu / +cu128), which pip could not install anyway.
+            # torch's local version label (such as +cpu), which pip could not install anyway.
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
     if not registered_name:
