@@ -14,14 +14,16 @@ import functools
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from asnn_dist.models.lean import SpikeConv2d, SpikeLinear, packing
+from asnn_dist.models.lean import SpikeConv2d, SpikeLinear, packing, packing_active
 from asnn_dist.models.step_neurons import windowed_class
 from asnn_dist.models.step_norm import StepBatchNorm
 from asnn_dist.models.temporal import cat_steps, channels_last_seq, shifted, step_offset
 from asnn_dist.models.time_checkpoint import check_schedule, run_time_segments
 from asnn_dist.snn import PerStepReadout, build_encoder
+from asnn_dist.snn.precision import compute_dtype, is_low
 
 NeuronFactory = Callable[..., nn.Module]
 
@@ -57,26 +59,41 @@ def conv_bn(
     return nn.Sequential(seq(conv), StepBatchNorm(c_out, num_steps))
 
 
-class Fp32UnderAutocast:
-    """Mixin for the classifier head: under autocast it runs in fp32 (input upcast).
+class Fp32Head:
+    """Mixin for the classifier head: under autocast, or with bf16/fp16 weights (a bf16
+    engine), it runs in fp32 (input and weights upcast; the weight gradient goes back in the
+    weights' dtype).
 
-    Why: bf16 logits carry 8 significant bits; on the digits run that cost about a point of
-    test accuracy, while the head is a tiny share of the FLOPs."""
+    Why (``snn.precision``): bf16 logits carry 8 significant bits; on the digits run that
+    cost about a point of test accuracy, while the head is a tiny share of the FLOPs."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind = x.device.type
-        if torch.is_autocast_enabled(kind):
+        if torch.is_autocast_enabled(kind) or is_low(self.weight.dtype):
             with torch.autocast(kind, enabled=False):
-                return super().forward(x.float())  # type: ignore[misc]
+                return self.fp32_forward(x.float())
         return super().forward(x)  # type: ignore[misc]
 
+    def fp32_forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x, self.weight.float(), bias)
 
-class ClassifierHead(Fp32UnderAutocast, nn.Linear):
-    """The per-step linear classifier (fp32 under autocast)."""
+
+class ClassifierHead(Fp32Head, nn.Linear):
+    """The per-step linear classifier (fp32 under autocast and on bf16 engines)."""
 
 
-class SpikeClassifierHead(Fp32UnderAutocast, SpikeLinear):
-    """The per-step linear classifier on spikes (fp32 under autocast, input kept as uint8)."""
+class SpikeClassifierHead(Fp32Head, SpikeLinear):
+    """The per-step linear classifier on spikes (fp32 under autocast and on bf16 engines,
+    input kept as uint8)."""
+
+    def fp32_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if packing_active():  # saves x packed; casts the weights to x's dtype (fp32)
+            return SpikeLinear.forward(self, x)
+        return Fp32Head.fp32_forward(self, x)
 
 
 def neuron_factory(num_steps: int, neuron: Optional[dict[str, Any]] = None) -> NeuronFactory:
@@ -155,7 +172,12 @@ class SpikingClassifier(nn.Module, abc.ABC):
         """[tau, B, C, H, W] -> per-step logits [tau, B, K]; each family implements it."""
 
     def forward_steps(self, images: torch.Tensor) -> torch.Tensor:
+        # Encode in the images' dtype (fp32 thresholds), then compute in the parameters'
+        # dtype (bf16 on a bf16 engine); see snn.precision.
         x_seq = self.encoder(images)
+        dtype = compute_dtype(self)
+        if x_seq.dtype != dtype and x_seq.is_floating_point():
+            x_seq = x_seq.to(dtype)
         if self.time_segment > 0 and torch.is_grad_enabled():
             return run_time_segments(self.forward_body, x_seq, self.time_segment, self, self.pack_spikes,
                                      self.time_levels, self.time_states)

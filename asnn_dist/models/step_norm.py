@@ -14,8 +14,14 @@ Training on channels-last float32/float64 maps (tokens [T, B, N, C], or conv map
 kernels of ``snn.native``, elsewhere torch ops): statistics folded into y = x * scale + shift
 as torch's CPU batch_norm does, saving only the input x. It registers y as an affine image of
 x (``snn.affine_source``), so the spiking neuron that reads y saves nothing more (it rebuilds
-y from x in backward). Other layouts, other dtypes (e.g. bf16 under autocast) and eval run
-``F.batch_norm`` step by step.
+y from x in backward). Other layouts and eval run ``F.batch_norm`` step by step.
+
+Precision (``snn.precision``): bf16/fp16 inputs (a bf16 engine's convs, or autocast) take
+the batched path too; their statistics are reduced in fp32 (fp32 inputs: float64), scale
+and shift stay fp32 and y = x * scale + shift is rounded once to x's dtype; gradient sums
+are fp32. Running statistics are fp32 buffers whatever the parameters' dtype
+(``Fp32Buffers``); the step-by-step path hands ``F.batch_norm`` the affine pair in their
+dtype (its mixed-precision form: low-precision input, fp32 statistics and affine).
 """
 
 from __future__ import annotations
@@ -28,34 +34,42 @@ from torch import Tensor, nn
 
 from asnn_dist.models.temporal import is_channels_last_seq, is_recomputing, step_offset
 from asnn_dist.snn import affine_source, native
-
-F64 = torch.float64
+from asnn_dist.snn.precision import Fp32Buffers, is_low, stat_dtype
 
 
 def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """x * scale[t, c] + shift[t, c] for x [T, M, C] (the one formula forward and rebuild use)."""
+    """x * scale[t, c] + shift[t, c] for x [T, M, C] (the one formula forward and rebuild use);
+    fp32 scale/shift on bf16/fp16 x: computed in fp32, rounded once to x's dtype."""
     if native.supports(x):
         return native.bn_apply(x, scale, shift)
-    return torch.addcmul(shift.unsqueeze(1), x, scale.unsqueeze(1))
+    y = torch.addcmul(shift.unsqueeze(1), x, scale.unsqueeze(1))
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _affine_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of scale and shift: x's own, fp32 for bf16/fp16 x."""
+    return torch.float32 if is_low(dtype) else dtype
 
 
 class _StepBatchNormFn(torch.autograd.Function):
     """Training BN of x [T, M, C] with statistics per step t and channel c (over M).
 
-    Returns (y, mean, biased var) - the statistics as float64 [T, C] for the running update."""
+    Returns (y, mean, biased var) - the statistics [T, C] (float64, fp32 for bf16/fp16 x) for
+    the running update."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         if native.supports(x):
             mean, var = native.bn_stats(x)
         else:
-            var, mean = torch.var_mean(x.to(F64), dim=1, correction=0)
+            var, mean = torch.var_mean(x.to(stat_dtype(x.dtype)), dim=1, correction=0)
         invstd = (var + eps).rsqrt()
-        scale64 = weight.detach().to(F64) * invstd
-        scale = scale64.to(x.dtype)
-        shift = (bias.detach().to(F64) - mean * scale64).to(x.dtype)
+        scale_s = weight.detach().to(mean.dtype) * invstd
+        scale = scale_s.to(_affine_dtype(x.dtype))
+        shift = (bias.detach().to(mean.dtype) - mean * scale_s).to(scale.dtype)
         y = _affine(x, scale, shift)
         ctx.save_for_backward(x, mean, invstd, scale)
+        ctx.param_dtype = weight.dtype
         ctx.mark_non_differentiable(mean, var)
         affine_source.register(y, affine_source.affine(x, scale, shift, _affine))
         return y, mean, var
@@ -69,19 +83,20 @@ class _StepBatchNormFn(torch.autograd.Function):
         if native.supports(x):
             gx, sum_gy, dotp = native.bn_backward(x, gy, mean, invstd, scale, need_x)
         else:
-            xc = x.to(F64) - mean.unsqueeze(1)
-            g64 = gy.to(F64)
-            sum_gy, dotp = g64.sum(1), (g64 * xc).sum(1)
+            sd = mean.dtype
+            xc = x.to(sd) - mean.unsqueeze(1)
+            g = gy.to(sd)
+            sum_gy, dotp = g.sum(1), (g * xc).sum(1)
             gx = None
             if need_x:
                 k1, k2 = (sum_gy / m).unsqueeze(1), (dotp * invstd * invstd / m).unsqueeze(1)
-                gx = ((g64 - k1 - xc * k2) * scale.to(F64).unsqueeze(1)).to(x.dtype)
-        gw = (dotp * invstd).sum(0).to(x.dtype) if need_w else None
-        gb = sum_gy.sum(0).to(x.dtype) if need_b else None
+                gx = ((g - k1 - xc * k2) * scale.to(sd).unsqueeze(1)).to(x.dtype)
+        gw = (dotp * invstd).sum(0).to(ctx.param_dtype) if need_w else None
+        gb = sum_gy.sum(0).to(ctx.param_dtype) if need_b else None
         return gx, gw, gb, None
 
 
-class StepBatchNorm(nn.Module):
+class StepBatchNorm(Fp32Buffers):
     """BatchNorm with per-time-step statistics (see module docstring), input [tau, B, ...].
 
     ``channel_last=False``: channels at dim 2 ([tau, B, C, ...], conv maps);
@@ -109,7 +124,7 @@ class StepBatchNorm(nn.Module):
             raise ValueError(
                 f"steps {t0}..{t0 + steps - 1} exceed num_steps={self.num_steps} of this BatchNorm"
             )
-        batched = self.training and x.dtype in (torch.float32, F64)
+        batched = self.training and x.is_floating_point()
         if self.channel_last:
             x = x.contiguous() if batched else x
             return self._batched(x, t0) if batched else self._per_step(x, t0, flat=True)
@@ -137,13 +152,16 @@ class StepBatchNorm(nn.Module):
         # checkpointed window is recomputed (it was counted in the forward already): then
         # throwaway copies take the update (the op saves the same tensors either way).
         scratch = self.training and is_recomputing()
+        weight, bias = self.weight, self.bias
+        if weight.dtype != x.dtype or is_low(weight.dtype):  # mixed form: fp32 statistics and affine
+            weight, bias = weight.to(self.running_mean.dtype), bias.to(self.running_mean.dtype)
         outs = []
         for i, x_t in enumerate(x.unbind(0)):
             rm, rv = self.running_mean[t0 + i], self.running_var[t0 + i]
             if scratch:
                 rm, rv = rm.clone(), rv.clone()
             inp = x_t.reshape(-1, self.num_features) if flat else x_t
-            y = F.batch_norm(inp, rm, rv, self.weight, self.bias, self.training, self.momentum, self.eps)
+            y = F.batch_norm(inp, rm, rv, weight, bias, self.training, self.momentum, self.eps)
             outs.append(y.view(x_t.shape) if flat else y)
         return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
 

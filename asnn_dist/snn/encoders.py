@@ -7,6 +7,12 @@ steps [:direct_steps] through its own stem and the spike steps through the share
 Threshold rule shared by the temporal codes: decreasing thresholds z[0] > z[1] > ...; a value
 fires at the first step whose threshold it reaches and never again (fired mask). Because the
 thresholds decrease, "reached z[i] but not z[i-1]" is that rule in one vectorised comparison.
+
+Precision (``snn.precision``): thresholds are float64 buffers that never follow a bf16/fp16
+cast of the model, and values are compared with them in float64, so under a bf16 engine a
+value fires at the same step as in fp32 training (the input images stay fp32; the model
+casts the encoded sequence to its compute dtype afterwards). Rate codes draw their uniforms
+in fp32 or better.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from asnn_dist.registry import ENCODERS
+from asnn_dist.snn.precision import Fp32Buffers, is_low
 
 SCHEMES = ("direct", "threshold", "bitplane", "rate")
 TEMPORAL_SCHEMES = ("threshold", "bitplane", "rate")
@@ -61,8 +68,9 @@ def level_thresholds(levels: str, num_levels: int, steps: int) -> Tensor:
     return rule(num_levels, steps)
 
 
-class Encoder(nn.Module):
-    """Base: ``forward(x [B, ...]) -> [T, B, ...]`` with ``num_steps`` and ``direct_steps``."""
+class Encoder(Fp32Buffers):
+    """Base: ``forward(x [B, ...]) -> [T, B, ...]`` with ``num_steps`` and ``direct_steps``;
+    threshold buffers stay float64 under a bf16/fp16 cast (``Fp32Buffers``)."""
 
     def __init__(self, num_steps: int, direct_steps: int) -> None:
         super().__init__()
@@ -192,7 +200,7 @@ class RateEncoder(Encoder):
     def forward(self, x: Tensor) -> Tensor:
         u = torch.rand(
             (self.num_steps, *x.shape), generator=self._generator_for(x.device),
-            device=x.device, dtype=x.dtype,
+            device=x.device, dtype=torch.float32 if is_low(x.dtype) else x.dtype,
         )
         return (u < x.unsqueeze(0)).to(x.dtype)
 

@@ -1,9 +1,11 @@
 """The configs shipped for real runs (CIFAR Spikformer-4-384, ImageNet Spikformer-8-768 and
 SEW-ResNet-34) validate as written, and run for a few steps on CPU once scaled down to tiny
-sizes by overrides: the same code path a GPU cluster runs, minus the sizes."""
+sizes by overrides: the same code path a GPU cluster runs, minus the sizes, in the configs'
+own precision (bf16: DeepSpeed's bf16 engine, ``snn.precision``)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -37,9 +39,10 @@ def test_real_config_runs_scaled_down(path, tmp_path, digits_shards, ray_local):
         "data.image_size=16", "data.num_workers=0", "data.mode=resampled", "data.epoch_length=128",
         f"model.name={REAL[path]}", "optim.micro_batch_size=16", "optim.epochs=1", "optim.warmup_steps=1",
         "run.num_workers=2", "run.use_gpu=false", "run.cpus_per_worker=1", "run.threads_per_worker=1",
-        "run.storage_path=null", "run.eval_every_steps=0", "run.progress=false", "engine.precision=fp32",
+        "run.storage_path=null", "run.eval_every_steps=0", "run.progress=false",
         "checkpoint.every_steps=0", "tracking.uri=null", "tracking.registered_model=null",
     ])
+    assert cfg.engine.precision == "bf16"  # the config's own precision, not forced to fp32
     out = run_training(cfg)
     assert out.metrics["global_step"] == 128 // (2 * 16)
-    assert out.metrics["val_count"] == 360
+    assert out.metrics["val_count"] == 360 and math.isfinite(out.metrics["val_loss"])

@@ -1,8 +1,12 @@
 """Time-step checkpointing inside real DeepSpeed engines (ZeRO-2 and ZeRO-3, 2 gloo ranks on
-CPU): the checkpointed model gives the same loss, full gradients, BN running statistics and
-updated weights as the plain one. The model comes from the config exactly as in training
-(``checkpoint.time_segment`` -> ``model_from_config``), on both schedules: grouped segments
-(``time_levels``) and the binomial one (``time_states``)."""
+CPU, fp32 and bf16 engines): the checkpointed model gives the same loss, full gradients, BN
+running statistics and updated weights as the plain one. The model comes from the config
+exactly as in training (``checkpoint.time_segment`` -> ``model_from_config``), on both
+schedules: grouped segments (``time_levels``) and the binomial one (``time_states``). In bf16
+the windows carry fp32 membranes and BN reduces each step's statistics alike in both modes
+(``snn.precision``): the loss and BN statistics are the same bits as plain; the gradients agree
+up to bf16 rounding, since autograd sums a bf16 parameter's gradient over the windows in bf16
+(one rounded partial sum per window) where the plain run rounds its full sum once."""
 
 from __future__ import annotations
 
@@ -15,13 +19,18 @@ import pytest
 pytestmark = pytest.mark.integration
 
 STAGES = (2, 3)
+PRECISIONS = ("fp32", "bf16")
+DTYPE_NAMES = {"fp32": "torch.float32", "bf16": "torch.bfloat16"}
+# max |difference| / max |value| per tensor: fp32 near round-off; bf16 a few units of its last
+# place (2^-8) from the per-window rounding of gradient sums (module docstring)
+GRAD_TOL = {"fp32": 1e-5, "bf16": 2**-6}
 SEGMENT = 1
 SCHEDULES = {"levels": [], "binomial": ["checkpoint.time_states=1"]}  # time_levels 2 / binomial, 1 state
 # dim 64: the 1x1 and 3x3 convs and MLP linears exceed ZeRO-3's persistence threshold (1e4
 # elements), so stage 3 really partitions them and gathers them for the recomputation.
 SETTINGS = ["model.name=spikformer_tiny", "model.options.dim=64", "data.image_size=16", "data.in_channels=1", "data.num_classes=5",
             "encoding.num_steps=4", "encoding.direct_steps=1", "optim.name=sgd", "optim.lr=0.1",
-            "optim.micro_batch_size=4", "engine.precision=fp32", "run.num_workers=2",
+            "optim.micro_batch_size=4", "run.num_workers=2",
             "neuron.init_gain=1.0"]  # every path carries gradient at init (see tests/unit/test_models.py)
 
 
@@ -58,9 +67,10 @@ def _train_step(stage: int, segment: int, rank: int, world: int, extra: tuple[st
     engine.step()
     weights = {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
     buffers = {n: b.clone() for n, b in engine.module.named_buffers()}
+    dtypes = sorted({str(p.dtype) for p in engine.module.parameters()})
     engine.destroy() if hasattr(engine, "destroy") else None
     return dict(loss=float(loss), names=names, grads=grads, weights=weights, buffers=buffers,
-                partitioned=partitioned)
+                partitioned=partitioned, dtypes=dtypes)
 
 
 def _max_rel(a: dict, b: dict) -> float:
@@ -81,23 +91,31 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     report = {}
     try:
-        for stage in STAGES:  # stage 3 last: it wraps the module with hooks
-            plain = _train_step(stage, 0, rank, world)
-            for schedule, extra in SCHEDULES.items():
-                ckpt = _train_step(stage, SEGMENT, rank, world, tuple(extra))
-                report[f"{stage} {schedule}"] = dict(
-                    loss=(plain["loss"], ckpt["loss"]),
-                    grad=_max_rel(ckpt["grads"], plain["grads"]),
-                    weight=_max_rel(ckpt["weights"], plain["weights"]),
-                    buffer=_max_rel(ckpt["buffers"], plain["buffers"]),
-                    grad_norm=float(sum(g.norm() ** 2 for g in plain["grads"].values()) ** 0.5),
-                    params=len(plain["names"]),
-                    partitioned=ckpt["partitioned"],
-                )
+        for precision in PRECISIONS:
+            for stage in STAGES:  # stage 3 last: it wraps the module with hooks
+                run(report, precision, stage, rank, world)
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
+
+
+def run(report: dict, precision: str, stage: int, rank: int, world: int) -> None:
+    """Plain and checkpointed steps of one engine setting, compared (into ``report``)."""
+    prec = (f"engine.precision={precision}",)
+    plain = _train_step(stage, 0, rank, world, prec)
+    for schedule, extra in SCHEDULES.items():
+        ckpt = _train_step(stage, SEGMENT, rank, world, (*prec, *extra))
+        report[f"{precision} {stage} {schedule}"] = dict(
+            loss=(plain["loss"], ckpt["loss"]),
+            grad=_max_rel(ckpt["grads"], plain["grads"]),
+            weight=_max_rel(ckpt["weights"], plain["weights"]),
+            buffer=_max_rel(ckpt["buffers"], plain["buffers"]),
+            grad_norm=float(sum(g.float().norm() ** 2 for g in plain["grads"].values()) ** 0.5),
+            params=len(plain["names"]),
+            partitioned=ckpt["partitioned"],
+            dtypes=plain["dtypes"],
+        )
 
 
 def test_time_checkpointing_matches_plain_under_zero2_and_zero3(tmp_path):
@@ -106,13 +124,20 @@ def test_time_checkpointing_matches_plain_under_zero2_and_zero3(tmp_path):
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, report in enumerate(reports):
-        assert sorted(report) == sorted(f"{s} {name}" for s in STAGES for name in SCHEDULES)
-        for stage, r in report.items():
+        assert sorted(report) == sorted(f"{p} {s} {name}" for p in PRECISIONS for s in STAGES for name in SCHEDULES)
+        for key, r in report.items():
             plain_loss, ckpt_loss = r["loss"]
-            assert abs(plain_loss - ckpt_loss) <= 1e-5 * abs(plain_loss), (rank, stage, r)
-            assert r["grad"] < 1e-5 and r["weight"] < 1e-5 and r["buffer"] < 1e-5, (rank, stage, r)
-            assert r["grad_norm"] > 0 and r["params"] > 20, (rank, stage, r)
-        assert all(report[f"3 {name}"]["partitioned"] >= 5 for name in SCHEDULES)  # ZeRO-3 split the weights
+            tol = GRAD_TOL[key.split()[0]]
+            assert abs(plain_loss - ckpt_loss) <= 1e-5 * abs(plain_loss), (rank, key, r)
+            assert r["buffer"] < 1e-5, (rank, key, r)  # same forward: same BN statistics
+            assert r["grad"] < tol and r["weight"] < tol, (rank, key, r)
+            assert r["grad_norm"] > 0 and r["params"] > 20, (rank, key, r)
+            # the bf16 engine really computes in bf16 (its parameters), the fp32 one in fp32
+            assert r["dtypes"] == [DTYPE_NAMES[key.split()[0]]], (rank, key, r)
+        for precision in PRECISIONS:  # ZeRO-3 split the weights
+            assert all(report[f"{precision} 3 {name}"]["partitioned"] >= 5 for name in SCHEDULES)
     # both ranks hold the same (averaged) gradients and weights; losses differ per batch
-    assert reports[0]["2 levels"]["grad_norm"] == pytest.approx(reports[1]["2 levels"]["grad_norm"], rel=1e-5)
-    assert reports[0]["2 levels"]["loss"] != reports[1]["2 levels"]["loss"]
+    for precision in PRECISIONS:
+        key = f"{precision} 2 levels"
+        assert reports[0][key]["grad_norm"] == pytest.approx(reports[1][key]["grad_norm"], rel=1e-5)
+        assert reports[0][key]["loss"] != reports[1][key]["loss"]
