@@ -96,7 +96,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from asnn_dist.inference import evaluate_shards, load_model
 
-    loaded = load_model(args.model, args.tracking_uri)
+    loaded = load_model(args.model, args.tracking_uri, args.device)
     m = evaluate_shards(loaded, args.data, args.split, args.batch_size)
     print(f"{args.model} on {args.data} ({args.split}): top-1 {m['val_top1']:.4f}  top-5 {m['val_top5']:.4f}  "
           f"loss {m['val_loss']:.4f}  ({int(m['val_count'])} samples)")
@@ -112,7 +112,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from asnn_dist.inference import load_model, predict_files
 
-    loaded = load_model(args.model, args.tracking_uri)
+    loaded = load_model(args.model, args.tracking_uri, args.device)
     for path, top in zip(args.images, predict_files(loaded, args.images, args.top)):
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
     return 0
@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
     e.add_argument("--batch-size", type=int, default=64, help="batch size (default: %(default)s)")
     e.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="top-k classes of image files", description="Print the top-k classes "
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("images", nargs="+", help="image files (PNG/JPEG)")
     pr.add_argument("--top", type=int, default=5, help="classes to show (default: %(default)s)")
     pr.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    pr.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     pr.set_defaults(func=cmd_predict)
 
     b = sub.add_parser("bench", help="run a benchmark", description="Benchmarks print ratios measured in one run.")

@@ -1,5 +1,9 @@
 """Load a trained model (MLflow registry URI or checkpoint folder) and use it: evaluate on
-shards, predict image files. Backs ``asnn-dist evaluate`` and ``asnn-dist predict``."""
+shards, predict image files. Backs ``asnn-dist evaluate`` and ``asnn-dist predict``.
+
+Device: ``--device`` (default: CUDA when torch sees a GPU, else the CPU); the model's weights
+are fp32 (consolidated at the end of training), inputs go to the device with non-blocking
+copies (pinned on CUDA) and results come back once per batch."""
 
 from __future__ import annotations
 
@@ -21,6 +25,20 @@ class LoadedModel:
     in_channels: int
     image_size: int
     class_names: list[str] = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def resolve_device(name: Optional[str] = None) -> torch.device:
+    """``name`` (cpu, cuda, cuda:N) as a device; None or "auto": CUDA when present, else CPU."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
+    return device
 
 
 def input_spec(model: nn.Module) -> tuple[int, int]:
@@ -38,8 +56,10 @@ def attach_metadata(model: nn.Module, in_channels: int, image_size: int, class_n
     return model
 
 
-def load_model(source: str, tracking_uri: Optional[str] = None) -> LoadedModel:
-    """``models:/NAME@ALIAS``, ``runs:/...`` or a checkpoint folder holding model.pt."""
+def load_model(source: str, tracking_uri: Optional[str] = None, device: Optional[str] = None) -> LoadedModel:
+    """``models:/NAME@ALIAS``, ``runs:/...`` or a checkpoint folder holding model.pt, on
+    ``device`` (``resolve_device``)."""
+    target = resolve_device(device)
     if source.startswith(("models:/", "runs:/")):
         from asnn_dist.tracking.model_registry import load_registered_model
 
@@ -51,7 +71,8 @@ def load_model(source: str, tracking_uri: Optional[str] = None) -> LoadedModel:
     else:
         model = _load_checkpoint_folder(source)
     channels, side = input_spec(model)
-    return LoadedModel(model.eval(), source, channels, side, list(getattr(model, "class_names", [])))
+    return LoadedModel(model.to(target).eval(), source, channels, side, list(getattr(model, "class_names", [])),
+                       target)
 
 
 def _load_checkpoint_folder(folder: str) -> nn.Module:
@@ -76,8 +97,9 @@ def evaluate_shards(loaded: LoadedModel, data: str, split: str = "test", batch_s
     from asnn_dist.train.metrics import evaluate_with_stats
 
     url = data if data.endswith(".json") else f"{data.rstrip('/')}/{split}.manifest.json"
-    loader = ShardLoader(load_manifest(url), batch_size=batch_size, train=False, image_size=loaded.image_size)
-    return evaluate_with_stats(loaded.model, loader, loaded.model.num_steps, spike_stats)
+    loader = ShardLoader(load_manifest(url), batch_size=batch_size, train=False, image_size=loaded.image_size,
+                         pin_memory=loaded.device.type == "cuda")
+    return evaluate_with_stats(loaded.model, loader, loaded.model.num_steps, spike_stats, device=loaded.device)
 
 
 @torch.no_grad()
@@ -93,7 +115,8 @@ def predict_files(loaded: LoadedModel, paths: list[str], top: int = 5) -> list[l
             raise UserError(f"cannot read image {p}: {exc.strerror}") from None
         img = decode_image(data, loaded.in_channels, where=p).float() / 255.0
         images.append(resize_square(img, loaded.image_size))
-    probs = torch.softmax(loaded.model(torch.stack(images)), dim=-1)
+    batch = torch.stack(images).to(loaded.device, non_blocking=True)
+    probs = torch.softmax(loaded.model(batch).float(), dim=-1).cpu()
     k = min(top, probs.shape[-1])
     values, indices = probs.topk(k, dim=-1)
     names = loaded.class_names or [str(i) for i in range(probs.shape[-1])]

@@ -70,7 +70,10 @@ def close_local_group() -> None:
 
 
 def quiet_libraries() -> None:
-    """Keep DeepSpeed's and torch's info logs and deprecation warnings out of the tables."""
+    """Keep DeepSpeed's and torch's info logs and deprecation warnings out of the tables.
+
+    The benchmarks that call this run on CPU tensors (gloo ranks), so DeepSpeed gets the CPU
+    accelerator even on a GPU machine (otherwise it would move the engines to the GPU)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
     import warnings

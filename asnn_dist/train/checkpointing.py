@@ -20,13 +20,25 @@ MODEL_META_FILE = "model_meta.json"
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator a rank draws from: Python, NumPy, torch's CPU generator and, where CUDA
+    is present, every CUDA device's generator (key ``cuda``; absent on CPU machines)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore ``rng_state``'s generators. A state without ``cuda`` (written on a CPU machine,
+    or before CUDA states were saved) leaves the CUDA generators seeded as they are; CUDA
+    states on a machine without CUDA are skipped (the CPU generators are what CPU runs use)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        for device, cuda_state in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def save_training_checkpoint(engine, folder: str, rank: int, loop_state: dict[str, Any]) -> None:

@@ -1,9 +1,14 @@
 """Evaluation shared by training workers and ``asnn-dist evaluate``: sums first, then one
-all-reduce, so every sample counts exactly once however the data is split across ranks."""
+all-reduce, so every sample counts exactly once however the data is split across ranks.
+
+Devices: batches go to the model's device with non-blocking copies, the sums accumulate there
+(float64) and reach the host once, after the all-reduce; the all-reduce runs on the process
+group's device (``collective_device``: NCCL needs CUDA tensors, gloo takes CPU ones).
+"""
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,12 +17,38 @@ from torch import nn
 SUM_KEYS = ("loss_sum", "correct1", "correct5", "count")
 
 
+def collective_device() -> torch.device:
+    """The device of the tensors the default process group reduces: the rank's current GPU
+    under NCCL, else the CPU (gloo; also without a group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (the CPU for a model without parameters)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def to_device(batch: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The batch's tensors on ``device``: non-blocking copies (overlap with compute when the
+    loader pinned them); tensors already there are returned as they are."""
+    return [t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in batch]
+
+
 @torch.no_grad()
-def eval_sums(model: nn.Module, batches: Iterable, num_steps: int) -> torch.Tensor:
-    """Vector [loss_sum, correct1, correct5, count, anytime_correct[0..T-1]] over valid rows."""
-    sums = torch.zeros(len(SUM_KEYS) + num_steps, dtype=torch.float64)
+def eval_sums(model: nn.Module, batches: Iterable, num_steps: int,
+              device: Optional[torch.device] = None) -> torch.Tensor:
+    """Vector [loss_sum, correct1, correct5, count, anytime_correct[0..T-1]] over valid rows,
+    on ``device`` (default: the model's)."""
+    device = device or model_device(model)
+    sums = torch.zeros(len(SUM_KEYS) + num_steps, dtype=torch.float64, device=device)
     for batch in batches:
-        images, labels, valid = batch[:3]
+        images, labels, valid = to_device(batch[:3], device)
         steps = model.forward_steps(images)  # [T, B, K]
         any_logits = model.readout.anytime(steps)
         logits = any_logits[-1]
@@ -37,15 +68,17 @@ def eval_sums(model: nn.Module, batches: Iterable, num_steps: int) -> torch.Tens
 
 
 def all_reduce_sums(sums: torch.Tensor) -> torch.Tensor:
+    """The sums over all ranks, on the CPU (the one host read of an evaluation)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        sums = sums.clone()
+        sums = sums.to(collective_device(), copy=True)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    return sums
+    return sums.cpu()
 
 
 def sums_to_metrics(sums: torch.Tensor, prefix: str = "val_") -> dict[str, float]:
+    sums = sums.cpu()
     count = max(float(sums[3]), 1.0)
     out = {
         f"{prefix}loss": float(sums[0]) / count,
@@ -59,10 +92,10 @@ def sums_to_metrics(sums: torch.Tensor, prefix: str = "val_") -> dict[str, float
 
 
 def evaluate(model: nn.Module, batches: Iterable, num_steps: int, prefix: str = "val_",
-             distributed: Optional[bool] = None) -> dict[str, float]:
+             distributed: Optional[bool] = None, device: Optional[torch.device] = None) -> dict[str, float]:
     was_training = model.training
     model.eval()
-    sums = eval_sums(model, batches, num_steps)
+    sums = eval_sums(model, batches, num_steps, device)
     if distributed is not False:
         sums = all_reduce_sums(sums)
     model.train(was_training)

@@ -9,7 +9,13 @@ import sys
 
 
 def prebuild() -> list[str]:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """Build DeepSpeed's ops for this machine's accelerator: the CPU ops where torch sees no
+    GPU (DS_ACCELERATOR=cpu, as CPU training runs set it); on a GPU machine DeepSpeed's own
+    choice (its CUDA ops build at first use where they are compatible)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

@@ -12,6 +12,11 @@ Resume is exact: a checkpoint stores DeepSpeed's state (weights, optimizer, ZeRO
 the loop position (epoch, optimizer step, micro batches consumed in the epoch) and every
 rank's RNG state; the data order is a pure function of (seed, epoch), so skipping the consumed
 micro batches puts the loader where it was.
+
+Devices: batches go to the rank's device (``ray.train.torch.get_device()``) with non-blocking
+copies from pinned memory on CUDA; losses stay on the device and are read at the logging
+cadence only, so the loop queues micro batches without waiting for the GPU. Precision: see
+``snn.precision`` (images stay fp32; the model casts after its encoder; the loss is fp32).
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import torch.nn.functional as F
 from asnn_dist.config import ExperimentConfig
 from asnn_dist.train import checkpointing as ckpt
 from asnn_dist.train.deepspeed_config import build_engine, run_stage
-from asnn_dist.train.metrics import average_buffers, evaluate_with_stats, learned_param_summary, mean_across_ranks
+from asnn_dist.train.evaluate import to_device
+from asnn_dist.train.metrics import (LossMeter, average_buffers, evaluate_with_stats, learned_param_summary,
+                                     mean_across_ranks)
 from asnn_dist.train.schedule import lr_at
 
 
@@ -59,7 +66,15 @@ def _progress(total: int, initial: int, enabled: bool):
     return bar
 
 
-def _make_loaders(cfg: ExperimentConfig, rank: int, world: int):
+def worker_device() -> torch.device:
+    """This rank's device as Ray Train assigned it (its GPU with ``run.use_gpu``, else the CPU)."""
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def _make_loaders(cfg: ExperimentConfig, rank: int, world: int, pin_memory: bool = False):
+    """Train and val loaders of this rank; ``pin_memory`` (CUDA) lets batch copies overlap compute."""
     from asnn_dist.data.loader import ShardLoader
     from asnn_dist.data.manifest import load_manifest
 
@@ -69,7 +84,8 @@ def _make_loaders(cfg: ExperimentConfig, rank: int, world: int):
 
     s3.configure(endpoint_url=s3_endpoint(cfg.s3.endpoint_url))  # before the first manifest read
     common = dict(rank=rank, world_size=world, num_workers=cfg.data.num_workers, image_size=cfg.data.image_size,
-                  seed=cfg.seed, recipe=cfg.data.recipe, s3_endpoint_url=s3_endpoint(cfg.s3.endpoint_url))
+                  seed=cfg.seed, recipe=cfg.data.recipe, s3_endpoint_url=s3_endpoint(cfg.s3.endpoint_url),
+                  pin_memory=pin_memory)
     train_manifest = load_manifest(f"{root}/{cfg.data.train_split}.manifest.json")
     train = ShardLoader(train_manifest,
                         batch_size=cfg.optim.micro_batch_size, train=True,
@@ -94,7 +110,9 @@ class Trainer:
         torch.set_num_threads(cfg.run.threads_per_worker)
         torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts)
         model = model_from_config(cfg)
-        self.train_loader, self.val_loader, classes = _make_loaders(cfg, self.rank, self.world)
+        self.device = worker_device()
+        self.train_loader, self.val_loader, classes = _make_loaders(cfg, self.rank, self.world,
+                                                                    pin_memory=self.device.type == "cuda")
         self.meta = {"model": cfg.model.name, "kwargs": model_kwargs(cfg), "classes": classes}
         self.engine, self.optimizer = build_engine(cfg, model, self.world)
         self.accum = cfg.optim.grad_accum_steps
@@ -149,7 +167,8 @@ class Trainer:
     def evaluate(self, extra: Optional[dict[str, float]] = None) -> dict[str, float]:
         module = self.engine.module
         average_buffers(module)
-        metrics = evaluate_with_stats(module, self.val_loader, module.num_steps, self.cfg.run.spike_stats)
+        metrics = evaluate_with_stats(module, self.val_loader, module.num_steps, self.cfg.run.spike_stats,
+                                      device=self.device)
         with self._gathered_small_params():
             metrics.update(learned_param_summary(module))
         metrics.update(epoch=self.state.epoch, global_step=self.state.global_step, **(extra or {}))
@@ -166,8 +185,10 @@ class Trainer:
         return deepspeed.zero.GatheredParameters(small, modifier_rank=None)
 
     # ---- training -----------------------------------------------------------------------
-    def train_micro_batch(self, batch) -> float:
-        images, labels, valid = batch[:3]
+    def train_micro_batch(self, batch) -> torch.Tensor:
+        """One micro batch: forward, backward, engine step. Returns the detached loss on the
+        device (read at the logging cadence, ``LossMeter``: no host sync per micro batch)."""
+        images, labels, valid = to_device(batch[:3], self.device)
         o, d = self.cfg.optim, self.cfg.data
         lr = lr_at(self.state.global_step, self.total_steps, o.lr, o.warmup_steps, o.min_lr, o.schedule)
         for group in self.optimizer.param_groups:
@@ -184,7 +205,7 @@ class Trainer:
             loss = masked_loss(self.engine(images), labels, valid, o.label_smoothing)
         self.engine.backward(loss)
         self.engine.step()
-        return float(loss.detach())
+        return loss.detach()
 
     def run(self) -> None:
         cfg, st = self.cfg, self.state
@@ -194,15 +215,14 @@ class Trainer:
         while st.epoch < cfg.optim.epochs:
             self.train_loader.set_epoch(st.epoch)
             self.engine.train()
-            t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+            t0, seen, losses = time.perf_counter(), 0, LossMeter()
             for micro, batch in enumerate(self.train_loader):
                 if micro >= micro_per_epoch:
                     break
                 if micro < st.micro_in_epoch:
                     continue  # resumed mid-epoch: these batches were trained before the stop
-                loss_sum += self.train_micro_batch(batch)
-                loss_n += 1
-                seen += int(batch[2].sum())
+                losses.add(self.train_micro_batch(batch))
+                seen += int(batch[2].sum())  # the loader's CPU mask: no device sync
                 st.micro_in_epoch = micro + 1
                 if st.micro_in_epoch % self.accum:
                     continue
@@ -211,9 +231,8 @@ class Trainer:
                     bar.update(1)
                 if self.logger is not None and st.global_step % cfg.run.log_every_steps == 0:
                     rate = seen * self.world / max(time.perf_counter() - t0, 1e-9)
-                    self.logger.log_metrics({"train_loss": loss_sum / max(loss_n, 1), "lr": self._lr(),
+                    self.logger.log_metrics({"train_loss": losses.take(), "lr": self._lr(),
                                              "train_images_per_s": rate}, st.global_step)
-                    loss_sum, loss_n = 0.0, 0
                 last_of_epoch = st.micro_in_epoch >= micro_per_epoch
                 if last_of_epoch:
                     break
