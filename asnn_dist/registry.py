@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Any, Callable, Generic, Iterator, TypeVar
+import inspect
+import typing
+from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -59,6 +61,27 @@ class Registry(Generic[T]):
             for n in self._entries
             if fnmatch.fnmatch(n, pattern) and (tag is None or tag in self._tags[n])
         )
+
+    def keywords(self, name: str) -> Optional[list[str]]:
+        """Keyword arguments the factory ``name`` accepts, so configs can check them up front.
+
+        A factory that takes ``**kwargs`` and passes them to the class it returns (annotated
+        ``-> Class``) accepts that class's ``__init__`` keywords; None when they cannot be known.
+        """
+        fn: Any = self.get(name)
+        for _ in range(2):  # the factory, then the class its return annotation names
+            params = inspect.signature(fn).parameters.values()
+            names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                return sorted(names)
+            try:
+                target = typing.get_type_hints(fn).get("return")
+            except Exception:  # noqa: BLE001 (an unresolvable annotation: keys cannot be checked)
+                return None
+            if not isinstance(target, type):
+                return None
+            fn = target
+        return None
 
     def tags(self, name: str) -> frozenset[str]:
         self.get(name)

@@ -133,6 +133,9 @@ def format_validation_error(exc: ValidationError) -> str:
             hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
             lines.append(f"{where}: unknown key{hint} (allowed keys: {', '.join(keys)})")
             continue
+        if err["type"] in ("unknown_option", "option_from_config"):  # schema.ModelConfig: "<key>: ..."
+            lines.append(f"{where}.{err['msg']}")
+            continue
         value = err.get("input")
         msg = err["msg"].removeprefix("Value error, ")
         allowed = _allowed_text(err)

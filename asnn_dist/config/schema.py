@@ -6,10 +6,12 @@ keys are errors (``extra="forbid"``) so that a typo never silently falls back to
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class Section(BaseModel):
@@ -30,7 +32,7 @@ class DataConfig(Section):
     train_split: str = Field("train", description="split name of the training manifest")
     val_split: str = Field("test", description="split name of the evaluation manifest")
     image_size: int = Field(16, ge=4, le=1024, description="square side the images are resized to")
-    in_channels: int = Field(1, ge=1, le=4, description="image channels the model receives")
+    in_channels: Literal[1, 3] = Field(1, description="image channels the model receives: 1 grayscale, 3 RGB (what the decoder makes)")
     num_classes: int = Field(10, ge=2, description="number of classes")
     num_workers: int = Field(0, ge=0, le=64, description="data loader worker processes per rank")
     shuffle_buffer: int = Field(256, ge=0, description="samples held in the per-worker shuffle buffer")
@@ -87,6 +89,15 @@ class NeuronConfig(Section):
     backend: Literal["fused", "loop"] = Field("fused", description="multi-step kernel or plain step loop")
 
 
+# Model factory keywords that asnn_dist/models/build.py fills from other config fields.
+MODEL_KEYS_FROM_CONFIG = {
+    "num_classes": "data.num_classes", "in_channels": "data.in_channels", "image_size": "data.image_size",
+    "encoding": "encoding", "neuron": "neuron", "learnable_readout": "model.learnable_readout",
+    "time_segment": "checkpoint.time_segment", "time_levels": "checkpoint.time_levels",
+    "time_states": "checkpoint.time_states",
+}
+
+
 class ModelConfig(Section):
     name: str = Field("lenet_asnn", description="registered model name (asnn-dist models list)")
     learnable_readout: bool = Field(True, description="learned per-step readout scale (ASNN)")
@@ -103,6 +114,32 @@ class ModelConfig(Section):
         if name not in MODELS:
             raise ValueError(MODELS.unknown_message(name))
         return name
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Every key must be a keyword of the model's factory that no other field already sets,
+        so a typo fails at ``config check`` instead of deep inside model construction."""
+        from asnn_dist.registry import MODELS, _load_builtin
+
+        _load_builtin()  # a default name is not validated, so the registry may still be empty
+        name = info.data.get("name")
+        keywords = MODELS.keywords(name) if name in MODELS else None
+        if keywords is None:
+            return options
+        allowed = [k for k in keywords if k not in MODEL_KEYS_FROM_CONFIG]
+        for key in options:
+            if key in MODEL_KEYS_FROM_CONFIG:
+                raise PydanticCustomError(
+                    "option_from_config", "{key}: set by {field}, not by model.options (allowed keys: {allowed})",
+                    {"key": key, "field": MODEL_KEYS_FROM_CONFIG[key], "allowed": ", ".join(allowed)})
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f"; did you mean 'model.options.{close[0]}'?" if close else ""
+                raise PydanticCustomError(
+                    "unknown_option", "{key}: unknown key of model '{model}'{hint} (allowed keys: {allowed})",
+                    {"key": key, "model": name, "hint": hint, "allowed": ", ".join(allowed)})
+        return options
 
 
 class OptimConfig(Section):
@@ -219,6 +256,4 @@ class ExperimentConfig(Section):
             raise ValueError("engine.precision=fp16 needs run.use_gpu=true; allowed on CPU: fp32, bf16")
         if self.engine.offload_params and self.engine.zero_stage != 3:
             raise ValueError("engine.offload_params needs engine.zero_stage=3")
-        if self.data.in_channels not in (1, 3):
-            raise ValueError(f"data.in_channels={self.data.in_channels}; allowed: 1 or 3")
         return self

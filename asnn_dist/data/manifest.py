@@ -12,12 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from asnn_dist.data import storage
 from asnn_dist.data.errors import DataError
+
+if TYPE_CHECKING:
+    from asnn_dist.config import ExperimentConfig
 
 FORMAT_VERSION = 1
 MANIFEST_SUFFIX = ".manifest.json"
@@ -162,6 +165,28 @@ def load_manifest(url_or_path: str) -> Manifest:
         )
         raise DataError(f"{url_or_path}: invalid manifest ({problems}); rebuild the shards") from None
     return manifest.with_base(storage.parent(url_or_path))
+
+
+def check_manifest_matches(cfg: "ExperimentConfig", manifest: Manifest) -> None:
+    """ConfigError when the config's class or channel count differs from the shards'.
+
+    Why at start-up: a wrong ``data.num_classes`` otherwise surfaces as an index error inside a
+    worker's loss (or trains a head with unused classes), and a wrong ``data.in_channels`` as a
+    conv shape error after Ray and DeepSpeed have started, since the loader decodes with the
+    manifest's channel count.
+    """
+    from asnn_dist.errors import ConfigError
+
+    where = manifest_url(manifest.base_url, manifest.split)
+    if cfg.data.num_classes != manifest.num_classes:
+        raise ConfigError(
+            f"data.num_classes={cfg.data.num_classes} but the manifest {where} lists {manifest.num_classes} "
+            f"classes; set data.num_classes={manifest.num_classes} or point data.root at the right shards")
+    if cfg.data.in_channels != manifest.image.channels:
+        kind = {1: "grayscale", 3: "RGB"}.get(manifest.image.channels, "")
+        raise ConfigError(
+            f"data.in_channels={cfg.data.in_channels} but the manifest {where} stores {manifest.image.channels}-"
+            f"channel ({kind}) images; set data.in_channels={manifest.image.channels}")
 
 
 def sha256_of(url: str, chunk_bytes: int = 1 << 20) -> tuple[str, int]:

@@ -32,9 +32,10 @@ def default_run_name(cfg: ExperimentConfig) -> str:
 
 
 def prepare_data(cfg: ExperimentConfig) -> None:
-    """Build the bundled dataset's shards when asked for and check that the manifests exist."""
+    """Build the bundled dataset's shards when asked for and check that the manifests exist and
+    match data.num_classes / data.in_channels."""
     from asnn_dist.data import s3
-    from asnn_dist.data.manifest import load_manifest
+    from asnn_dist.data.manifest import check_manifest_matches, load_manifest
     from asnn_dist.train.storage import s3_endpoint
 
     s3.configure(endpoint_url=s3_endpoint(cfg.s3.endpoint_url))
@@ -43,7 +44,7 @@ def prepare_data(cfg: ExperimentConfig) -> None:
 
         build_digits_shards(cfg.data.root, samples_per_shard=cfg.data.samples_per_shard, seed=cfg.seed)
     for split in (cfg.data.train_split, cfg.data.val_split):
-        load_manifest(f"{cfg.data.root}/{split}.manifest.json")
+        check_manifest_matches(cfg, load_manifest(f"{cfg.data.root}/{split}.manifest.json"))
 
 
 RUN_NAME_TAG = "asnn.run_name"
