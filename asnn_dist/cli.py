@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 from asnn_dist.errors import UserError
 
-BENCHES = {name: f"asnn_dist.bench.{name}" for name in ("neurons", "model", "data", "zero", "train")}
+BENCHES = {name: f"asnn_dist.bench.{name}" for name in ("neurons", "model", "data", "zero", "train", "tune")}
 
 DEMO_EPILOG = """The demo builds shards from scikit-learn's bundled handwritten digits, trains the
 LeNet ASNN with hybrid coding (1 direct + 3 threshold-coded steps) on 2 local Ray workers with
@@ -70,6 +70,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     _print_outcome(run_training(cfg), cfg)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from asnn_dist.tune.finish import summary_lines
+    from asnn_dist.tune.search import INTERRUPTED_EXIT, run_search
+
+    cfg = _load(args)
+    outcome = run_search(cfg)
+    if outcome.interrupted:
+        return INTERRUPTED_EXIT
+    for line in summary_lines(outcome, cfg):
+        print(line)
     return 0
 
 
@@ -140,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "a run with the same run.name resumes from its last checkpoint.")
     _add_config_args(t)
     t.set_defaults(func=cmd_train)
+
+    tu = sub.add_parser("tune", help="hyperparameter search: every trial a distributed training run",
+                        description="Search CONFIG's tune.space with Ray Tune (ASHA or FIFO; random, grid or "
+                        "Optuna TPE); each trial trains on run.num_workers DeepSpeed workers and logs a nested "
+                        "MLflow run. Rerunning the same command (same tune.name) resumes the search.")
+    _add_config_args(tu)
+    tu.set_defaults(func=cmd_tune)
 
     c = sub.add_parser("config", help="show or check a config", description="Resolve and print (show) or "
                        "validate (check) an experiment config, with its 'extends' chain and overrides.")

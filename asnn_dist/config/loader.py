@@ -162,6 +162,10 @@ def validate_config(data: dict[str, Any], base_dir: Optional[Path] = None) -> Ex
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+    if cfg.tune is not None and cfg.tune.space:  # every key and value of the search space, up front
+        from asnn_dist.tune.space import check_space
+
+        check_space(cfg)
     return resolve_paths(cfg, base_dir or Path.cwd())
 
 
@@ -208,7 +212,15 @@ def resolve_paths(cfg: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
 
 def dump_config(cfg: ExperimentConfig) -> str:
     """The resolved config as YAML (what is saved with every run)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(_plain(cfg), sort_keys=False)
+
+
+def _plain(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as JSON-able data; a training run's (absent) ``tune`` section is left out."""
+    data = cfg.model_dump(mode="json")
+    if data.get("tune") is None:
+        data.pop("tune", None)
+    return data
 
 
 def flatten_config(cfg: ExperimentConfig) -> dict[str, str]:
@@ -222,5 +234,5 @@ def flatten_config(cfg: ExperimentConfig) -> dict[str, str]:
         else:
             out[prefix] = str(node)
 
-    walk(cfg.model_dump(mode="json"), "")
+    walk(_plain(cfg), "")
     return out

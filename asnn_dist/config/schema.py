@@ -223,6 +223,39 @@ class TrackingConfig(Section):
         return uri
 
 
+DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+class SchedulerConfig(Section):
+    name: Literal["asha", "fifo"] = Field("asha", description="asha stops weak trials early; fifo runs every trial to the end")
+    time_attr: Literal["epoch", "evaluation"] = Field(
+        "epoch", description="what ASHA counts: epochs or evaluations reported by the workers (never Tune iterations)")
+    grace_period: int = Field(1, ge=1, description="ASHA: time units every trial gets before it can be stopped")
+    max_t: Optional[int] = Field(None, ge=1, description="ASHA: time units of a full trial; default the longest optim.epochs (evaluations: epochs x evaluations per epoch)")
+    reduction_factor: float = Field(2.0, gt=1.0, description="ASHA: keep 1/reduction_factor of the trials at each rung")
+
+
+class SearchAlgConfig(Section):
+    name: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random: grid values x num_samples random draws; grid: grid values only; optuna: TPE (extra 'optuna')")
+    seed: int = Field(0, description="seed of the sampler (the same seed draws the same trials)")
+    max_resample: int = Field(20, ge=0, description="random draws the schema forbids are redrawn up to this many times, then skipped")
+
+
+class TuneConfig(Section):
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="search name: rerunning with the same name resumes the search; default <name>-search")
+    space: dict[str, Any] = Field(default_factory=dict, description="dotted config key -> {grid|choice: [...]}, {uniform|loguniform|randint: [low, high]} or a fixed value")
+    num_samples: int = Field(1, ge=1, description="random draws per grid point (optuna: trials in all)")
+    metric: str = Field("val_top1", description="metric the workers report that the search optimises")
+    mode: Literal["max", "min"] = Field("max", description="maximise or minimise the metric")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    search: SearchAlgConfig = Field(default_factory=SearchAlgConfig)
+    max_concurrent_trials: Optional[int] = Field(None, ge=1, description="trials running at once; default what the cluster's CPUs/GPUs fit")
+    trial_driver_cpus: float = Field(0.0, ge=0.0, le=1.0, description="CPUs each trial's driver reserves (its workers reserve their own CPUs; 0 keeps every CPU for workers)")
+    trial_driver_memory_mb: int = Field(256, ge=1, description="memory (MiB) each trial's driver reserves: Ray needs some request, and memory takes no worker's slot")
+    register_best: bool = Field(True, description="register the best finished trial's model (the alias moves only if it is better)")
+
+
 class ExperimentConfig(Section):
     name: str = Field("asnn-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="experiment name")
     seed: int = Field(0, description="global seed")
@@ -237,6 +270,7 @@ class ExperimentConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     s3: S3Config = Field(default_factory=S3Config)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tune: Optional[TuneConfig] = Field(None, description="hyperparameter search (asnn-dist tune); unused by train")
 
     @property
     def global_batch_size(self) -> int:

@@ -50,8 +50,9 @@ def prepare_data(cfg: ExperimentConfig) -> None:
 RUN_NAME_TAG = "asnn.run_name"
 
 
-def start_mlflow_run(cfg: ExperimentConfig) -> str:
-    """Create the MLflow run, or reopen the one of a resumed job (same run.name)."""
+def start_mlflow_run(cfg: ExperimentConfig, tags: Optional[dict[str, str]] = None) -> str:
+    """Create the MLflow run, or reopen the one of a resumed job (same run.name). ``tags`` go on a
+    new run (a Tune trial passes ``mlflow.parentRunId`` to nest under its search's run)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -70,7 +71,7 @@ def start_mlflow_run(cfg: ExperimentConfig) -> str:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
-    run = client.create_run(exp.experiment_id, run_name=cfg.run.name, tags={RUN_NAME_TAG: cfg.run.name})
+    run = client.create_run(exp.experiment_id, run_name=cfg.run.name, tags={RUN_NAME_TAG: cfg.run.name, **(tags or {})})
     logger = RunLogger(cfg.tracking.uri, run.info.run_id)
     logger.log_params(flatten_config(cfg))
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,26 +92,17 @@ def save_resolved_config(cfg: ExperimentConfig) -> Optional[str]:
     return str(path)
 
 
-def run_training(cfg: ExperimentConfig) -> TrainOutcome:
+def build_trainer(cfg: ExperimentConfig, run_id: str, board: Any = None, callbacks: Optional[list] = None):
+    """The TorchTrainer of one training run (``train`` and every Tune trial build it here): N
+    workers running the worker loop, storage and checkpoints under ``run.storage_path``/``run.name``."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from asnn_dist.train.storage import ray_storage, s3_endpoint
     from asnn_dist.train.worker import train_loop_per_worker
 
-    if not cfg.run.name:
-        cfg = cfg.model_copy(deep=True)
-        cfg.run.name = default_run_name(cfg)
-    from asnn_dist.train.progress import DriverProgress, start_board
-    from asnn_dist.train.ray_setup import init_ray
-    from asnn_dist.train.storage import ray_storage, s3_endpoint
-
-    prepare_data(cfg)
     storage_path, storage_fs = ray_storage(cfg.run.storage_path, s3_endpoint(cfg.s3.endpoint_url), cfg.s3.region)
-    run_id = start_mlflow_run(cfg)
-    save_resolved_config(cfg)
-    init_ray(cfg)
-    board = start_board() if cfg.run.progress else None
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "progress_board": board},
         scaling_config=ScalingConfig(
@@ -123,14 +115,37 @@ def run_training(cfg: ExperimentConfig) -> TrainOutcome:
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             logging_config=LoggingConfig(log_level=cfg.run.log_level),
+            callbacks=list(callbacks or []),
         ),
     )
+
+
+def fit_trainer(trainer) -> Any:
+    """``trainer.fit()`` with a worker's user error (bad data, bad config) surfaced as one line."""
     try:
-        with DriverProgress(board) if board is not None else contextlib.nullcontext():
-            result = trainer.fit()
+        return trainer.fit()
     except Exception as exc:  # noqa: BLE001 - surface the worker's user error as one line
         raise _unwrap_user_error(exc) from exc
-    return _finish(cfg, run_id, result)
+
+
+def run_training(cfg: ExperimentConfig) -> TrainOutcome:
+    if not cfg.run.name:
+        cfg = cfg.model_copy(deep=True)
+        cfg.run.name = default_run_name(cfg)
+    from asnn_dist.train.progress import DriverProgress, start_board
+    from asnn_dist.train.ray_setup import init_ray
+    from asnn_dist.train.storage import ray_storage, s3_endpoint
+
+    prepare_data(cfg)
+    ray_storage(cfg.run.storage_path, s3_endpoint(cfg.s3.endpoint_url), cfg.s3.region)  # fail before MLflow
+    run_id = start_mlflow_run(cfg)
+    save_resolved_config(cfg)
+    init_ray(cfg)
+    board = start_board() if cfg.run.progress else None
+    trainer = build_trainer(cfg, run_id, board)
+    with DriverProgress(board) if board is not None else contextlib.nullcontext():
+        result = fit_trainer(trainer)
+    return finish_run(cfg, run_id, result)
 
 
 def _unwrap_user_error(exc: BaseException) -> BaseException:
@@ -149,7 +164,9 @@ def _unwrap_user_error(exc: BaseException) -> BaseException:
 REGISTERED_TAG = "asnn.registered_version"
 
 
-def _finish(cfg: ExperimentConfig, run_id: str, result) -> TrainOutcome:
+def finish_run(cfg: ExperimentConfig, run_id: str, result: Any, register: bool = True) -> TrainOutcome:
+    """Consolidated model -> plots (and, with ``register``, the registry); the MLflow run ends.
+    Tune trials pass ``register=False``: only the search's best trial is registered."""
     from mlflow.tracking import MlflowClient
 
     from asnn_dist.train.checkpointing import load_final_model
@@ -166,7 +183,7 @@ def _finish(cfg: ExperimentConfig, run_id: str, result) -> TrainOutcome:
             with result.checkpoint.as_directory() as folder:
                 state_dict, meta = load_final_model(folder)
             metrics = {**meta.get("metrics", {}), **metrics}
-            reg = register_model(cfg, run_id, state_dict, meta, metrics)
+            reg = register_model(cfg, run_id, state_dict, meta, metrics, register=register)
             if reg is not None:
                 registered, moved = reg.version, reg.alias_moved
                 client.set_tag(run_id, REGISTERED_TAG, reg.version)
@@ -174,7 +191,13 @@ def _finish(cfg: ExperimentConfig, run_id: str, result) -> TrainOutcome:
     return TrainOutcome(cfg.run.name, run_id, metrics, ckpt_path, registered, moved)
 
 
-def register_model(cfg: ExperimentConfig, run_id: str, state_dict, meta: dict, metrics: dict):
+_finish = finish_run  # the name older callers use
+
+
+def register_model(cfg: ExperimentConfig, run_id: str, state_dict: dict, meta: dict, metrics: dict,
+                   register: bool = True, plots: bool = True):
+    """Log the model's plots and (with ``register``) the model itself, registered; the alias
+    moves only if it beats the holder (``model_registry``)."""
     import torch
 
     from asnn_dist.registry import create_model
@@ -188,7 +211,10 @@ def register_model(cfg: ExperimentConfig, run_id: str, state_dict, meta: dict, m
     model.load_state_dict(state_dict)
     classes = load_manifest(f"{cfg.data.root}/{cfg.data.train_split}.manifest.json").classes
     attach_metadata(model.eval(), cfg.data.in_channels, cfg.data.image_size, classes)
-    log_model_plots(model, cfg.tracking.uri, run_id, metrics)
+    if plots:
+        log_model_plots(model, cfg.tracking.uri, run_id, metrics)
+    if not register:
+        return None
     example = torch.rand(2, cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size,
                          generator=torch.Generator().manual_seed(0))
     return log_and_register(

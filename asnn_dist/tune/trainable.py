@@ -1,0 +1,93 @@
+"""One Tune trial = one full distributed training run (Ray Train V2's Tune pattern).
+
+The trial's function runs in a small Tune actor (``tune.trial_driver_cpus``, default no CPU):
+it builds the same ``TorchTrainer`` as ``asnn-dist train`` (``launcher.build_trainer``: N workers,
+the worker loop, DeepSpeed ZeRO, checkpoints) and waits for it. The workers' evaluation reports
+reach Tune through ``SearchReportCallback`` on the Train controller, so the scheduler (ASHA)
+sees every evaluation and can stop the trial; stopping kills the trial actor, which owns the
+Train controller, which owns the worker group and its placement group, so all of it goes.
+
+Run names come from the trial id (``<search>-<trial id>``), which Tune keeps across a resumed
+search: a restarted trial builds a TorchTrainer with the same name and storage, and Ray Train
+resumes it from its last checkpoint, logging into the same (nested) MLflow run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+
+TRIAL_ID_TAG = "asnn.trial_id"
+SEARCH_TAG = "asnn.search_name"
+PARENT_TAG = "mlflow.parentRunId"
+INVALID_KEY = "asnn_invalid"
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial needs from the search driver (passed with ``tune.with_parameters``)."""
+
+    config: dict[str, Any]  # the resolved search config (ExperimentConfig as JSON data)
+    parent_run_id: str
+    search_name: str
+
+
+class SearchReportCallback(TuneReportCallback):
+    """Forward the workers' evaluation reports to Tune, with the trial's time units.
+
+    Checkpoint-only reports (``checkpoint.every_steps``) carry no metric and are not forwarded:
+    Tune would reject a result without the searched metric. Each forwarded result carries
+    ``evaluation`` (evaluations so far in this Train run) next to the workers' ``epoch``, so
+    ASHA counts epochs or evaluations, never Tune's ``training_iteration``."""
+
+    def __init__(self, metric: str, trial_epochs: int) -> None:
+        super().__init__()
+        self.metric, self.trial_epochs, self.evaluations = metric, trial_epochs, 0
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        first = metrics[0]
+        if self.metric not in first:
+            return
+        self.evaluations += 1
+        out = {**first, "evaluation": self.evaluations, "trial_epochs": self.trial_epochs}
+        if checkpoint is not None:
+            out[CHECKPOINT_PATH_KEY] = checkpoint.path
+        self._training_actor_item_queue.put(out)
+
+
+def trial_run_name(search_name: str, trial_id: str) -> str:
+    return f"{search_name}-{trial_id}"
+
+
+def invalid_result(metric: str, mode: str, why: str) -> dict[str, Any]:
+    """What a trial reports when the sampler (optuna) drew a config the schema forbids."""
+    return {metric: float("-inf") if mode == "max" else float("inf"), INVALID_KEY: 1, "epoch": 0, "evaluation": 0,
+            "asnn_invalid_reason": why[:500]}
+
+
+def run_trial(config: dict[str, Any], setup: Optional[TrialSetup] = None) -> None:
+    """Tune function trainable: validate the trial's config, train it on N workers, log it nested."""
+    from ray import tune
+
+    from asnn_dist.config import ExperimentConfig
+    from asnn_dist.errors import ConfigError
+    from asnn_dist.train.launcher import build_trainer, finish_run, fit_trainer, save_resolved_config, start_mlflow_run
+    from asnn_dist.tune.space import trial_config
+
+    assert setup is not None
+    search_cfg = ExperimentConfig.model_validate(setup.config)
+    assert search_cfg.tune is not None
+    trial_id = tune.get_context().get_trial_id()
+    try:
+        cfg = trial_config(search_cfg, dict(config["point"]), trial_run_name(setup.search_name, trial_id))
+    except ConfigError as err:  # only adaptive samplers get here: grid/random points are checked up front
+        tune.report(invalid_result(search_cfg.tune.metric, search_cfg.tune.mode, str(err)))
+        return
+    run_id = start_mlflow_run(cfg, tags={PARENT_TAG: setup.parent_run_id, TRIAL_ID_TAG: trial_id,
+                                         SEARCH_TAG: setup.search_name})
+    save_resolved_config(cfg)
+    trainer = build_trainer(cfg, run_id, callbacks=[SearchReportCallback(search_cfg.tune.metric, cfg.optim.epochs)])
+    result = fit_trainer(trainer)
+    finish_run(cfg, run_id, result, register=False)  # plots now; the best trial is registered at the end
