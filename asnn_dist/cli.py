@@ -11,7 +11,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from asnn_dist.errors import UserError
 
@@ -23,10 +23,37 @@ DeepSpeed ZeRO-2, evaluates on the test split and registers the model in MLflow 
 under the working folder). A second run reuses the shards and the MLflow database."""
 
 
+class _SetAction(argparse.Action):
+    """``--set k=v ...`` that also stands before CONFIG: argparse's ``nargs="+"`` swallows the
+    config path too, so a value without '=' is set aside for ``_config_from_set`` to take."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: Optional[str] = None) -> None:
+        getattr(namespace, self.dest).extend(v for v in values if "=" in v)
+        namespace._set_stray = [*getattr(namespace, "_set_stray", []), *(v for v in values if "=" not in v)]
+
+
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("config", nargs=None if required else "?", help="experiment YAML (may 'extends' a base file)")
-    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
-                   help="dotted overrides, e.g. --set optim.lr=1e-3 run.num_workers=4")
+    """CONFIG and ``--set`` in any order (every config-taking subcommand calls this)."""
+    p.add_argument("config", nargs="?", help="experiment YAML (may 'extends' a base file)"
+                   + ("" if required else "; default: the embedded defaults"))
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action=_SetAction, default=[],
+                   help="dotted overrides, before or after CONFIG, e.g. --set optim.lr=1e-3 run.num_workers=4")
+    p.set_defaults(_config_parser=p, _config_required=required)
+
+
+def _config_from_set(args: argparse.Namespace) -> None:
+    """Give CONFIG back from what ``--set`` swallowed; usage errors (exit 2) as argparse's own."""
+    parser: Optional[argparse.ArgumentParser] = getattr(args, "_config_parser", None)
+    if parser is None:
+        return
+    stray: list[str] = getattr(args, "_set_stray", [])
+    if stray and args.config is None:
+        args.config = stray.pop(0)
+    if stray:
+        parser.error(f"--set expects KEY=VALUE (dotted.key=value, e.g. optim.lr=1e-3), got {stray[0]!r}")
+    if args._config_required and args.config is None:
+        parser.error("the following arguments are required: config")
 
 
 def _load(args: argparse.Namespace):
@@ -132,14 +159,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark's ``main(argv)``; its parser's usage line reads ``asnn-dist bench NAME``
+    (argparse names a parser without ``prog`` after ``sys.argv[0]``)."""
     module = importlib.import_module(BENCHES[args.bench])
-    return int(module.main(args.bench_args) or 0)
+    argv0, sys.argv[0] = sys.argv[0], f"asnn-dist bench {args.bench}"
+    try:
+        return int(module.main(args.bench_args) or 0)
+    finally:
+        sys.argv[0] = argv0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="asnn-dist", description="Distributed training of Adaptive Spiking Neural "
                                 "Networks with hybrid coding (Ray Train + DeepSpeed + MLflow).")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors (anywhere on the command line)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="build digits shards, train on 2 local workers, register the model",
@@ -202,9 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _pop_debug(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """Take ``--debug`` out wherever it stands (before or after the subcommand, among a
+    benchmark's own arguments), so that every subcommand, present and future, accepts it."""
+    argv = list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept = [a for a in argv[:end] if a != "--debug"]
+    return kept + argv[end:], len(kept) < end
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv, debug = _pop_debug(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.debug = args.debug or debug
+    _config_from_set(args)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     func: Callable[[argparse.Namespace], int] = args.func
