@@ -29,6 +29,8 @@ def _entries() -> dict[int, tuple[weakref.ref, int, int]]:
 
 def mark(spikes: Tensor) -> None:
     """Record that the contiguous tensor ``spikes`` holds only 0 and 1."""
+    if spikes.is_inference():  # inference mode: nothing is saved for backward (and no version counter)
+        return
     entries = _entries()
     key = spikes.data_ptr()
 
@@ -42,7 +44,7 @@ def mark(spikes: Tensor) -> None:
 
 def is_spikes(t: Tensor) -> bool:
     """Whether t is (a contiguous view of all of) a marked tensor, unmodified since."""
-    entry = _entries().get(t.data_ptr()) if t.is_contiguous() else None
+    entry = _entries().get(t.data_ptr()) if t.is_contiguous() and not t.is_inference() else None
     if entry is None:
         return False
     ref, version, numel = entry
