@@ -55,15 +55,13 @@ def masked_loss(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
     return (ce * v).sum() / v.sum().clamp_min(1.0)
 
 
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
+def _progress(board: Any, total: int, initial: int, enabled: bool):
+    """Rank 0's progress reporter to the driver's line (``progress.py``); None elsewhere."""
+    if not enabled or board is None:
         return None
-    from ray.experimental.tqdm_ray import tqdm
+    from asnn_dist.train.progress import WorkerProgress
 
-    bar = tqdm(total=total, desc="train steps")
-    if initial:
-        bar.update(initial)  # resumed run: the bar starts where the run stands
-    return bar
+    return WorkerProgress(board, total, initial)  # a resumed run starts where it stands
 
 
 def worker_device() -> torch.device:
@@ -99,7 +97,7 @@ def _make_loaders(cfg: ExperimentConfig, rank: int, world: int, pin_memory: bool
 class Trainer:
     """One rank's training run: owns the engine, the loaders, the loop state and the reports."""
 
-    def __init__(self, cfg: ExperimentConfig, run_id: Optional[str]) -> None:
+    def __init__(self, cfg: ExperimentConfig, run_id: Optional[str], board: Any = None) -> None:
         import ray.train
 
         from asnn_dist.models.build import model_from_config, model_kwargs
@@ -125,6 +123,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         self.state = LoopState()
         self.logger = None
+        self.board, self.progress = board, None
         if self.rank == 0 and run_id:
             from asnn_dist.tracking.client import BackgroundRunLogger, RunLogger
 
@@ -174,6 +173,8 @@ class Trainer:
         metrics.update(epoch=self.state.epoch, global_step=self.state.global_step, **(extra or {}))
         if self.logger is not None:
             self.logger.log_metrics(metrics, self.state.global_step)
+        if self.progress is not None:
+            self.progress.evaluated(metrics)
         return metrics
 
     def _gathered_small_params(self):
@@ -209,7 +210,8 @@ class Trainer:
 
     def run(self) -> None:
         cfg, st = self.cfg, self.state
-        bar = _progress(self.total_steps, st.global_step, self.rank == 0 and cfg.run.progress)
+        self.progress = bar = _progress(self.board, self.total_steps, st.global_step,
+                                        self.rank == 0 and cfg.run.progress)
         every_eval, every_ckpt = cfg.run.eval_every_steps, cfg.checkpoint.every_steps
         micro_per_epoch = self.steps_per_epoch * self.accum
         while st.epoch < cfg.optim.epochs:
@@ -228,7 +230,7 @@ class Trainer:
                     continue
                 st.global_step += 1
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(1, epoch=st.epoch + 1)
                 if self.logger is not None and st.global_step % cfg.run.log_every_steps == 0:
                     rate = seen * self.world / max(time.perf_counter() - t0, 1e-9)
                     self.logger.log_metrics({"train_loss": losses.take(), "lr": self._lr(),
@@ -265,12 +267,14 @@ def quiet_ray_train(level: str) -> None:
              if n == "ray.train" or n.startswith("ray.train.") or "/ray/train/" in n.replace("\\", "/")]
     for name in ["ray.train", *names]:
         logging.getLogger(name).setLevel(level)
+    # boto3 says at INFO, from every rank, which credential provider it used.
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = ExperimentConfig.model_validate(loop_config["config"])
     quiet_ray_train(cfg.run.log_level)
-    trainer = Trainer(cfg, loop_config.get("mlflow_run_id"))
+    trainer = Trainer(cfg, loop_config.get("mlflow_run_id"), loop_config.get("progress_board"))
     try:
         trainer.restore()
         trainer.run()
