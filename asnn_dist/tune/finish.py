@@ -13,7 +13,7 @@ import tempfile
 from typing import Any, Callable, Optional
 
 from asnn_dist.config import ExperimentConfig
-from asnn_dist.tune.results import TrialRecord, best_trial, pareto_front, render_all
+from asnn_dist.tune.results import TrialRecord, best_trial, pareto_front, render_all, seed_table
 from asnn_dist.tune.trainable import INVALID_KEY, PARENT_TAG, TRIAL_ID_TAG, trial_run_name
 
 STATUS_TAG = "asnn.trial_status"
@@ -156,6 +156,9 @@ def summary_lines(outcome: Any, cfg: ExperimentConfig) -> list[str]:
         moved = f"alias @{cfg.tracking.alias} -> v{outcome.registered_version}" if outcome.alias_moved else \
             f"alias @{cfg.tracking.alias} kept on the better earlier version"
         lines.append(f"registered models:/{name}/{outcome.registered_version} ({moved})")
+    per_seed = seed_table(recs, metric)
+    if per_seed:
+        lines += ["per point over seeds:", *per_seed]
     lines.append(f"MLflow parent run {outcome.parent_run_id} in {cfg.tracking.uri} (results/results.csv and plots)")
     return lines
 

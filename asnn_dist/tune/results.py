@@ -230,3 +230,28 @@ def render_all(records: list[TrialRecord], folder: str, metric: str, mode: str) 
         if made:
             out.append(made)
     return out
+
+
+def seed_table(records: list[TrialRecord], metric: str = "val_top1", seed_key: str = "seed") -> list[str]:
+    """Markdown rows: mean +- std of the metric and energy over seeds, one row per other point
+    (finished trials only); empty when the space has no seed key."""
+    import statistics
+
+    groups: dict[tuple, list[TrialRecord]] = {}
+    for r in records:
+        if r.status == "finished" and seed_key in r.point:
+            key = tuple((k, v) for k, v in r.point.items() if k != seed_key)
+            groups.setdefault(key, []).append(r)
+    if not groups:
+        return []
+    names = [k.rsplit(".", 1)[-1] for k, _ in next(iter(groups))]
+    lines = ["| " + " | ".join(names) + f" | seeds | {metric} (mean +- std) | energy uJ/image | SOPs/image |",
+             "|" + "---|" * (len(names) + 4)]
+    for key, rs in groups.items():
+        vals = [r.value(metric) for r in rs]
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        energy = statistics.mean(r.value(ENERGY_KEY) for r in rs) * 1e-6
+        sops = statistics.mean(r.value(SOPS_KEY) for r in rs)
+        lines.append("| " + " | ".join(str(v) for _, v in key) +
+                     f" | {len(rs)} | {statistics.mean(vals):.4f} +- {sd:.4f} | {energy:.4f} | {sops:.3g} |")
+    return lines

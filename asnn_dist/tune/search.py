@@ -162,8 +162,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_search(cfg: ExperimentConfig, echo: Any = print) -> SearchOutcome:
-    """Validate, sample, start (or resume) the search, then finish it (``finish.finish_search``)."""
+def run_search(cfg: ExperimentConfig, echo: Any = print, points: Optional[list[dict[str, Any]]] = None) -> SearchOutcome:
+    """Validate, sample, start (or resume) the search, then finish it (``finish.finish_search``).
+    ``points`` replaces the sampled points (``bench tune`` runs a chosen few)."""
     import ray
     from ray import tune
 
@@ -181,6 +182,8 @@ def run_search(cfg: ExperimentConfig, echo: Any = print) -> SearchOutcome:
     name = search_name(cfg)
     domains = parse_space(cfg)
     sampled = sample_points(cfg, domains) if cfg.tune.search.name != "optuna" else Sampled(points=[])
+    if points is not None:
+        sampled = Sampled(points=list(points))
     for note in sampled.notes():
         echo(f"tune: {note}")
     prepare_data(cfg)

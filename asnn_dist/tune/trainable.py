@@ -38,7 +38,8 @@ class SearchReportCallback(TuneReportCallback):
     """Forward the workers' evaluation reports to Tune, with the trial's time units.
 
     Checkpoint-only reports (``checkpoint.every_steps``) carry no metric and are not forwarded:
-    Tune would reject a result without the searched metric. Each forwarded result carries
+    Tune would reject a result without the searched metric. Nor is the final one: the trial
+    reports it itself once the run is finished (``run_trial``). Each forwarded result carries
     ``evaluation`` (evaluations so far in this Train run) next to the workers' ``epoch``, so
     ASHA counts epochs or evaluations, never Tune's ``training_iteration``."""
 
@@ -51,6 +52,8 @@ class SearchReportCallback(TuneReportCallback):
         if self.metric not in first:
             return
         self.evaluations += 1
+        if first.get("epoch", 0) >= self.trial_epochs:
+            return  # the final result goes to Tune from the trial after finish_run (see run_trial)
         out = {**first, "evaluation": self.evaluations, "trial_epochs": self.trial_epochs}
         if checkpoint is not None:
             out[CHECKPOINT_PATH_KEY] = checkpoint.path
@@ -74,14 +77,16 @@ def run_trial(config: dict[str, Any], setup: Optional[TrialSetup] = None) -> Non
     from asnn_dist.config import ExperimentConfig
     from asnn_dist.errors import ConfigError
     from asnn_dist.train.launcher import build_trainer, finish_run, fit_trainer, save_resolved_config, start_mlflow_run
-    from asnn_dist.tune.space import trial_config
+    from asnn_dist.tune.space import parse_space, trial_config
 
     assert setup is not None
     search_cfg = ExperimentConfig.model_validate(setup.config)
     assert search_cfg.tune is not None
     trial_id = tune.get_context().get_trial_id()
+    # Fixed values of the space: grid/random points hold them already, Optuna's draws may not.
+    point = {**{d.key: d.values[0] for d in parse_space(search_cfg) if d.kind == "fixed"}, **dict(config["point"])}
     try:
-        cfg = trial_config(search_cfg, dict(config["point"]), trial_run_name(setup.search_name, trial_id))
+        cfg = trial_config(search_cfg, point, trial_run_name(setup.search_name, trial_id))
     except ConfigError as err:  # only adaptive samplers get here: grid/random points are checked up front
         tune.report(invalid_result(search_cfg.tune.metric, search_cfg.tune.mode, str(err)))
         return
@@ -90,4 +95,8 @@ def run_trial(config: dict[str, Any], setup: Optional[TrialSetup] = None) -> Non
     save_resolved_config(cfg)
     trainer = build_trainer(cfg, run_id, callbacks=[SearchReportCallback(search_cfg.tune.metric, cfg.optim.epochs)])
     result = fit_trainer(trainer)
-    finish_run(cfg, run_id, result, register=False)  # plots now; the best trial is registered at the end
+    outcome = finish_run(cfg, run_id, result, register=False)  # plots now; the best trial is registered at the end
+    # The final result reaches Tune only now: a scheduler stops a trial that reaches max_t at
+    # once, which would cut the plots and the run's end short.
+    final = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float, str, bool))}
+    tune.report({**final, "trial_epochs": cfg.optim.epochs, CHECKPOINT_PATH_KEY: outcome.checkpoint_path})

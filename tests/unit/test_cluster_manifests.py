@@ -154,7 +154,7 @@ def entrypoint_problems(entrypoint: Any, repo: Path) -> tuple[list[str], Any]:
             args = build_parser().parse_args(argv[1:])
     except SystemExit:
         return [f"asnn-dist cannot parse the entrypoint arguments {argv[1:]}"], None
-    validators: dict[str, Callable[..., Any]] = {"train": load_config}
+    validators: dict[str, Callable[..., Any]] = {"train": load_config, "tune": load_search_config}
     if args.command not in validators:
         return [f"no config check for `asnn-dist {args.command}` yet: add one to this test"], None
     config = repo / args.config
@@ -165,6 +165,19 @@ def entrypoint_problems(entrypoint: Any, repo: Path) -> tuple[list[str], Any]:
     except Exception as err:  # the loader's ConfigError / UserError carry the message users see
         return [f"entrypoint config {args.config} with --set {args.overrides} is invalid: {err}"], None
     return [], cfg
+
+
+def load_search_config(path: Path, overrides: list[str]) -> Any:
+    """`asnn-dist tune`: the same loader (which checks tune.space key by key), and the search
+    must have at least one trial the schema allows (what the command checks before starting)."""
+    from asnn_dist.config import load_config
+    from asnn_dist.tune.space import check_space
+
+    cfg = load_config(path, overrides)
+    if cfg.tune is None or not cfg.tune.space:
+        raise ValueError("`asnn-dist tune` needs a config with a tune.space")
+    check_space(cfg)
+    return cfg
 
 
 def container_resources(container: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -314,7 +327,7 @@ def folder_problems(folder: Path, repo: Path = REPO) -> list[str]:
 def test_every_manifest_parses():
     files = manifest_files(CLUSTER)
     assert {f.name for f in files} >= {"ray-cluster-aws.yaml", "kuberay-raycluster.yaml", "runtime_env.yaml",
-                                       "kuberay-rayjob-train.yaml"}
+                                       "kuberay-rayjob-train.yaml", "kuberay-rayjob-tune.yaml"}
     for path, doc in documents(CLUSTER):
         assert isinstance(doc, dict), path
         if "apiVersion" in doc:  # a Kubernetes object
@@ -386,6 +399,8 @@ BROKEN = {
     "bad value": (_entry("asnn-dist train configs/demo/digits-lenet-hybrid.yaml --set run.num_workers=0"), "invalid"),
     "shell variable": (_entry("asnn-dist train configs/demo/digits-lenet-hybrid.yaml --set name=$USER"), "shell"),
     "unknown command": (_entry("asnn-dist frobnicate"), "cannot parse"),
+    "tune without space": (_entry("asnn-dist tune configs/cifar/spikformer-4-384-hybrid.yaml"), "tune.space"),
+    "bad tune space key": (_entry("asnn-dist tune configs/tune/cifar10-encoding-mix.yaml --set tune.num_sample=3"), "num_samples"),
     "too few GPUs": (_entry("asnn-dist train configs/imagenet/spikformer-8-768-hybrid.yaml --set run.num_workers=64"), "GPUs"),
     "no shutdown": (_set("spec.shutdownAfterJobFinishes", False), "shutdownAfterJobFinishes"),
     "auth off": (_set("spec.rayClusterSpec.authOptions", {"mode": "disabled"}), "authOptions.mode"),
