@@ -173,7 +173,7 @@ def run_search(cfg: ExperimentConfig, echo: Any = print, points: Optional[list[d
     from asnn_dist.train.storage import ray_storage, s3_endpoint
     from asnn_dist.tune.console import SearchConsole
     from asnn_dist.tune.finish import finish_search
-    from asnn_dist.tune.trainable import TrialSetup, run_trial
+    from asnn_dist.tune.trainable import StopTrainRunOnCleanup, TrialSetup, run_trial
 
     if cfg.tune is None:
         raise UserError("the config has no 'tune' section: add tune.space (see configs/tune/)")
@@ -193,7 +193,9 @@ def run_search(cfg: ExperimentConfig, echo: Any = print, points: Optional[list[d
     concurrency = cfg.tune.max_concurrent_trials or default_concurrency(cfg, ray.available_resources())
     param_space, searcher, num_samples = space_and_searcher(cfg, sampled, domains)
     setup = TrialSetup(config=cfg.model_dump(mode="json"), parent_run_id=parent, search_name=name)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
+    with_setup = tune.with_parameters(run_trial, setup=setup)
+    with_setup.__mixins__ = (StopTrainRunOnCleanup,)  # Tune's function trainable inherits it
+    trainable = tune.with_resources(with_setup,
                                     {"CPU": cfg.tune.trial_driver_cpus, "memory": cfg.tune.trial_driver_memory_mb * 2**20})
     path = f"{storage_path.rstrip('/')}/{name}"
     total = num_samples if searcher is not None else len(sampled.points)

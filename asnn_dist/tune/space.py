@@ -82,7 +82,10 @@ class Sampled:
     def notes(self) -> list[str]:
         out = []
         if self.forbidden_grid:
-            shown = "; ".join(f"{_short(p)} ({why})" for p, why in self.forbidden_grid)
+            reasons: dict[str, list[str]] = {}
+            for p, why in self.forbidden_grid:
+                reasons.setdefault(why, []).append(_short(p))
+            shown = "; ".join(f"{', '.join(pts)} ({why})" for why, pts in reasons.items())
             out.append(f"{len(self.forbidden_grid)} grid point(s) the config forbids are left out: {shown}")
         if self.resampled or self.skipped:
             out.append(f"random draws the config forbids: {self.resampled} redrawn, {self.skipped} skipped")

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 TRIAL_ID_TAG = "asnn.trial_id"
@@ -60,6 +61,44 @@ class SearchReportCallback(TuneReportCallback):
         self._training_actor_item_queue.put(out)
 
 
+class ControllerMailbox(ControllerCallback):
+    """Hands the trial the handle of its Train controller (from inside the controller), so a
+    stopped trial can abort its run the graceful way (``StopTrainRunOnCleanup``)."""
+
+    def __init__(self, mailbox: Any) -> None:
+        self.mailbox = mailbox
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        import ray
+
+        self.mailbox.put(ray.get_runtime_context().current_actor)
+
+
+_MAILBOX: Optional[Any] = None  # this trial actor's mailbox (one trial per actor process)
+_STOPPING = False
+
+
+class StopTrainRunOnCleanup:
+    """Mixin of the trial's Tune actor: when Tune stops the trial (ASHA, end of search), abort
+    its Train controller before the actor exits. Without this the controller dies with its
+    owner, and Ray Train 2.60's detached PlacementGroupCleaner, which then removes the placement
+    group, fails to exit (``exit_actor`` from its monitor thread) and stays alive for good; an
+    aborted controller stops its cleaner, its workers and its placement group itself."""
+
+    def cleanup(self) -> None:  # Trainable.cleanup, called by Trainable.stop
+        import ray
+
+        global _STOPPING
+        _STOPPING = True
+        if _MAILBOX is not None:
+            try:
+                controller = _MAILBOX.get(block=False)
+                ray.get(controller.abort.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 - finished already, or the controller is gone
+                pass
+        super().cleanup()  # type: ignore[misc]
+
+
 def trial_run_name(search_name: str, trial_id: str) -> str:
     return f"{search_name}-{trial_id}"
 
@@ -73,6 +112,7 @@ def invalid_result(metric: str, mode: str, why: str) -> dict[str, Any]:
 def run_trial(config: dict[str, Any], setup: Optional[TrialSetup] = None) -> None:
     """Tune function trainable: validate the trial's config, train it on N workers, log it nested."""
     from ray import tune
+    from ray.util.queue import Queue
 
     from asnn_dist.config import ExperimentConfig
     from asnn_dist.errors import ConfigError
@@ -93,8 +133,18 @@ def run_trial(config: dict[str, Any], setup: Optional[TrialSetup] = None) -> Non
     run_id = start_mlflow_run(cfg, tags={PARENT_TAG: setup.parent_run_id, TRIAL_ID_TAG: trial_id,
                                          SEARCH_TAG: setup.search_name})
     save_resolved_config(cfg)
-    trainer = build_trainer(cfg, run_id, callbacks=[SearchReportCallback(search_cfg.tune.metric, cfg.optim.epochs)])
-    result = fit_trainer(trainer)
+    global _MAILBOX
+    _MAILBOX = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    trainer = build_trainer(cfg, run_id, callbacks=[SearchReportCallback(search_cfg.tune.metric, cfg.optim.epochs),
+                                                    ControllerMailbox(_MAILBOX)])
+    try:
+        result = fit_trainer(trainer)
+    except Exception:
+        if _STOPPING:  # Tune stopped the trial and its run was aborted: nothing more to do
+            return
+        raise
+    if _STOPPING:
+        return
     outcome = finish_run(cfg, run_id, result, register=False)  # plots now; the best trial is registered at the end
     # The final result reaches Tune only now: a scheduler stops a trial that reaches max_t at
     # once, which would cut the plots and the run's end short.
