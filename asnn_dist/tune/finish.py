@@ -87,7 +87,7 @@ def register_best(cfg: ExperimentConfig, name: str, best: TrialRecord, storage_f
 
 
 def finish_search(cfg: ExperimentConfig, name: str, parent: str, grid: Any, path: str, storage_fs: Any,
-                  echo: Callable[[str], Any] = print):
+                  echo: Callable[[str], Any] = print, interrupted: bool = False):
     from mlflow.tracking import MlflowClient
 
     from asnn_dist.tracking.client import RunLogger
@@ -98,11 +98,11 @@ def finish_search(cfg: ExperimentConfig, name: str, parent: str, grid: Any, path
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     trials = _trials(grid)
     records = collect_records(cfg, grid, child_runs(client, cfg, parent))
-    if any(t.status not in ("TERMINATED", "ERROR") for t in trials):
+    if interrupted or any(t.status not in ("TERMINATED", "ERROR") for t in trials):
         client.set_tag(parent, "asnn.search_state", "interrupted")
         client.set_terminated(parent, "KILLED")
-        done = sum(r.status in ("finished", "stopped") and t.status == "TERMINATED" for r, t in zip(records, trials))
-        echo(f"tune: search {name} interrupted ({done}/{len(trials)} trials ended); run the same command again "
+        done = sum(r.status == "finished" for r in records)
+        echo(f"tune: search {name} interrupted ({done} trial(s) finished so far); run the same command again "
              "to continue it")
         return SearchOutcome(name, parent, records, None, [], None, False, True, path)
     for r in records:

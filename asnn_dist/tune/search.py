@@ -145,21 +145,42 @@ def _flat_space(cfg: ExperimentConfig) -> dict[str, Any]:
     return flatten_space(cfg.tune.space)
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """``ray job stop`` sends SIGTERM: turn it into Tune's graceful stop (SIGINT), which saves the
-    experiment state before the driver exits."""
-    import threading
+class Interrupts:
+    """Ctrl-C (SIGINT) and ``ray job stop`` (SIGTERM) become Tune's graceful stop, and are noted.
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    Tune's own SIGINT handler stops the search but says nothing afterwards, and trials it stops
+    on the way out look like ended ones; so Tune's handler is switched off
+    (TUNE_DISABLE_SIGINT_HANDLER) and both signals set ``interrupted`` and send SIGUSR1, which
+    Tune handles exactly like its SIGINT (save the experiment state, stop the trials)."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.interrupted = True
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    @contextlib.contextmanager
+    def catching(self) -> Iterator["Interrupts"]:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        for sig in saved:
+            signal.signal(sig, self._handler)
+        try:
+            yield self
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+            if env is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env
 
 
 def run_search(cfg: ExperimentConfig, echo: Any = print, points: Optional[list[dict[str, Any]]] = None) -> SearchOutcome:
@@ -218,9 +239,9 @@ def run_search(cfg: ExperimentConfig, echo: Any = print, points: Optional[list[d
                                       verbose=0, callbacks=[console], log_to_file=True),
         )
     _set_console(tuner, console)
-    with sigterm_as_interrupt():
+    with Interrupts().catching() as signals:
         grid = tuner.fit()
-    return finish_search(cfg, name, parent, grid, path, storage_fs, echo=echo)
+    return finish_search(cfg, name, parent, grid, path, storage_fs, echo=echo, interrupted=signals.interrupted)
 
 
 def _trial_name(trial: Any) -> str:
