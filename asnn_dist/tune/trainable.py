@@ -80,10 +80,12 @@ _STOPPING = False
 
 class StopTrainRunOnCleanup:
     """Mixin of the trial's Tune actor: when Tune stops the trial (ASHA, end of search), abort
-    its Train controller before the actor exits. Without this the controller dies with its
-    owner, and Ray Train 2.60's detached PlacementGroupCleaner, which then removes the placement
-    group, fails to exit (``exit_actor`` from its monitor thread) and stays alive for good; an
-    aborted controller stops its cleaner, its workers and its placement group itself."""
+    its Train controller before the actor exits. An aborted controller stops its workers, its
+    placement group and Ray Train's detached PlacementGroupCleaner itself. Without this the
+    controller just dies with its owner, and the cleanup is left to that cleaner, which polls the
+    state API: where the poll fails (Ray 2.60 finds the cluster by auto-detection, which fails
+    with several local Ray instances on one machine) the cleaner never removes the group and
+    never exits (seen in tests/integration/test_tune_search.py)."""
 
     def cleanup(self) -> None:  # Trainable.cleanup, called by Trainable.stop
         import ray
