@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import tempfile
@@ -255,7 +254,3 @@ def _set_console(tuner: Any, console: Any) -> None:
     if run_config is not None:
         run_config.callbacks = [console]
         run_config.verbose = 0
-
-
-def finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))
