@@ -16,31 +16,6 @@ BASE = ["model.name=lenet_asnn_tiny", "optim.micro_batch_size=16", "run.num_work
 BATCH = 16
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    import os
-
-    import torch.distributed as dist
-
-    from asnn_dist.bench.common import close_local_group, free_port
-
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                            "DS_ACCELERATOR")}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    close_local_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def cfg_with(*extra: str):
     return load_config(None, [*BASE, *extra])
 

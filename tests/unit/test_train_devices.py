@@ -118,30 +118,6 @@ def test_a_float_accumulator_would_be_counted():
     assert total == 3.0 and reads.count == 2
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    import os
-
-    import torch.distributed as dist
-
-    from asnn_dist.bench.common import close_local_group, free_port
-
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "DS_ACCELERATOR")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", DS_ACCELERATOR="cpu")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    close_local_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_train_micro_batch_returns_the_loss_on_the_device_without_host_reads(one_rank, precision):
     """The worker's micro batch (real engine): forward, fp32 loss, backward and the loss meter
