@@ -1,16 +1,18 @@
 """`asnn-dist tune` on a real local Ray: every trial a Ray Train V2 run of DeepSpeed workers.
 
 The search is small (4 trials of the digits LeNet, 1 worker each, 2 at a time) but complete: ASHA
-sees the workers' epoch reports and stops the trials whose learning rate is hopeless, stopped
-trials give back their workers and placement groups, nothing is left running afterwards, the
-parent MLflow run holds the results table and plots, each trial is a nested child run, and the
-best trial's model is registered."""
+sees the workers' epoch reports and stops trials, stopped trials give back their workers and
+placement groups, a trial whose worker is killed recovers from its checkpoint, nothing is left
+running afterwards, the parent MLflow run holds the results table and plots, each trial is a
+nested child run, and the best trial's model is registered."""
 
 from __future__ import annotations
 
 import re
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,6 +44,25 @@ def alive_actors() -> dict[str, str]:
             for a in list_actors(address=here(), filters=[("state", "=", "ALIVE")], limit=10000)}
 
 
+def kill_a_worker_after(lines: list[str], needed: tuple[str, ...], search: threading.Thread) -> bool:
+    """SIGKILL one alive RayTrainWorker process once every line in ``needed`` was printed."""
+    import os
+    import signal
+
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + 600
+    while search.is_alive() and time.monotonic() < deadline:
+        if all(any(ln.startswith(n) for ln in lines) for n in needed):
+            workers = list_actors(address=here(), filters=[("class_name", "=", "RayTrainWorker"),
+                                                           ("state", "=", "ALIVE")], detail=True)
+            if workers:
+                os.kill(workers[0].pid, signal.SIGKILL)
+                return True
+        time.sleep(0.2)
+    return False
+
+
 def test_asha_search_stops_trials_frees_workers_and_logs_nested_runs(tmp_path, digits_shards, ray_local):
     from mlflow.tracking import MlflowClient
     from ray.util.state import list_placement_groups
@@ -54,12 +75,19 @@ def test_asha_search_stops_trials_frees_workers_and_logs_nested_runs(tmp_path, d
         # good learning rates first, so the hopeless ones meet them at ASHA's first rung
         "tune.space.optim.lr={grid: [0.02, 1.0e-6]}", "tune.space.seed={grid: [0, 1]}",
         "tune.max_concurrent_trials=2", "tune.scheduler.name=asha", "tune.scheduler.grace_period=1",
-        "tune.search.name=grid"))
+        "tune.search.name=grid", "run.max_failures=1"))
     before = alive_actors()
     pgs_before = {p.placement_group_id for p in list_placement_groups(address=here(), limit=10000)}
     lines: list[str] = []
     t0 = time.monotonic()
-    out = run_search(cfg, echo=lines.append)
+    found: dict[str, Any] = {}
+    search = threading.Thread(target=lambda: found.update(out=run_search(cfg, echo=lines.append)), daemon=True)
+    search.start()
+    # Once both first trials have checkpointed epoch 1, SIGKILL one training worker: its trial
+    # must recover like a training run (run.max_failures) and go on from that checkpoint.
+    killed = kill_a_worker_after(lines, ("tune: trial 00000 epoch 1/3", "tune: trial 00001 epoch 1/3"), search)
+    search.join(timeout=900)
+    out = found["out"]
     seconds = time.monotonic() - t0
     print(f"\n4-trial ASHA search: {seconds:.1f}s\n" + "\n".join(lines))
 
@@ -115,6 +143,12 @@ def test_asha_search_stops_trials_frees_workers_and_logs_nested_runs(tmp_path, d
             assert "plots/training_curves.png" in plots
     pareto = parent.data.tags["asnn.pareto_trials"].split(",")
     assert pareto and all(by_trial[t].data.tags.get("asnn.pareto") == "true" for t in pareto)
+
+    # The trial whose worker was killed resumed from its epoch-1 checkpoint and went on.
+    assert killed
+    resumed = [c for c in children if "asnn.resumed_from_step" in c.data.tags]
+    assert len(resumed) == 1 and int(resumed[0].data.tags["asnn.resumed_from_step"]) >= 10
+    assert by_trial[resumed[0].data.tags["asnn.trial_id"]].data.metrics["epoch"] >= 2
 
     # The best finished trial's consolidated model is registered and holds @champion.
     assert out.best is not None and out.best.point["optim.lr"] == 0.02
