@@ -113,6 +113,18 @@ def _plt():
     return plt
 
 
+def _save(fig, path: str, legend_size: Optional[int] = None) -> str:
+    """Grid and legend (line plots), then write and free the figure."""
+    ax = fig.axes[0]
+    if legend_size is not None:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def plot_tk_heatmap(records: list[TrialRecord], path: str, metric: str = "val_top1") -> Optional[str]:
     """Best metric by time steps T (rows) and direct steps k (columns), over all other keys."""
     cells: dict[tuple[int, int], float] = {}
@@ -137,10 +149,7 @@ def plot_tk_heatmap(records: list[TrialRecord], path: str, metric: str = "val_to
     ax.set_ylabel("time steps T")
     ax.set_title(f"best {metric} by (T, k)")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_pareto(records: list[TrialRecord], path: str, metric: str = "val_top1") -> Optional[str]:
@@ -164,12 +173,7 @@ def plot_pareto(records: list[TrialRecord], path: str, metric: str = "val_top1")
             ax.annotate(r.trial_id.rsplit("_", 1)[-1], (r.value(cost) * scale, r.value(metric)), fontsize=7)
     ax.set_xlabel(unit)
     ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, legend_size=8)
 
 
 def plot_anytime(records: list[TrialRecord], path: str, metric: str = "val_top1", top: int = 5) -> Optional[str]:
@@ -186,12 +190,7 @@ def plot_anytime(records: list[TrialRecord], path: str, metric: str = "val_top1"
     ax.set_xlabel("time steps used t")
     ax.set_ylabel("anytime top-1")
     ax.set_title(f"anytime accuracy of the {len(done)} best trials")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, legend_size=6)
 
 
 def plot_curves(records: list[TrialRecord], path: str, metric: str = "val_top1") -> Optional[str]:
@@ -213,12 +212,7 @@ def plot_curves(records: list[TrialRecord], path: str, metric: str = "val_top1")
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"learning curves of {len(curved)} trials")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, legend_size=8)
 
 
 def render_all(records: list[TrialRecord], folder: str, metric: str, mode: str) -> list[str]:
