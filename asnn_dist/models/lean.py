@@ -3,7 +3,7 @@
 Why: a conv, linear or matmul saves its input for the weight gradient, and max-pooling saves
 its input and int64 indices. When that input is a spike tensor (exactly 0 or 1), storing it
 as 1 bit per value is lossless and 32x smaller than float32. On CPU the C kernel of
-``snn.native`` packs it and checks every value is 0 or 1 (float32/float64). On CUDA the Triton
+``snn.native`` packs it and checks every value is 0 or 1 (float32/float64/bfloat16). On CUDA the Triton
 kernels of ``snn.triton_bits`` pack the tensors a fused neuron produced (``snn.spike_registry``;
 any float dtype), without a check whose answer would have to be synced to the host. A sum of
 a few spike tensors (the residual streams of Spikformer and SEW-ResNet: small non-negative

@@ -16,9 +16,10 @@ from torch import Tensor, nn
 
 from asnn_dist.models.temporal import current_window, is_channels_last_seq, step_offset
 from asnn_dist.models.window_lif import window_adaptive_lif
-from asnn_dist.snn import spike_registry
+from asnn_dist.snn import backends, native, spike_registry
 from asnn_dist.snn.functional import adaptive_lif_step, lif_step
 from asnn_dist.snn.neurons import LIF, AdaptiveLIF, SpikingNeuron
+from asnn_dist.snn.precision import is_low
 
 
 class _WindowSteps(torch.autograd.Function):
@@ -67,12 +68,13 @@ class WindowedNeuron:
         permuted = is_channels_last_seq(x) and not x.is_contiguous()
         if permuted:
             x = x.permute(0, 1, 3, 4, 2)
-        # The membrane integrates over steps: bf16/fp16 inputs (autocast, bf16 engines) are
-        # integrated in fp32; the spikes (exactly 0/1) go back in the input's dtype.
+        # The membrane integrates over steps in fp32 (snn.precision): bf16/fp16 inputs go to a
+        # kernel that reads them into fp32 (C on CPU, Triton on CUDA), or are upcast here for
+        # the torch-op paths; the spikes (exactly 0/1) go back in the input's dtype.
         dtype = x.dtype
-        if dtype in (torch.bfloat16, torch.float16):
-            x = x.float()
         window = current_window()
+        if is_low(dtype) and not self.integrates_in_fp32(x, window is not None):
+            x = x.float()
         if window is None:
             spikes = super().forward(x)  # type: ignore[misc]
         else:
@@ -84,6 +86,12 @@ class WindowedNeuron:
             if marked:  # still exactly 0/1: lean storage may keep it as bits (snn.spike_registry)
                 spike_registry.mark(spikes)
         return spikes.permute(0, 1, 4, 2, 3) if permuted else spikes
+
+    def integrates_in_fp32(self, x: Tensor, windowed: bool) -> bool:
+        """Whether the kernel that runs x keeps an fp32 membrane for a bf16/fp16 x by itself:
+        the fused kernel's C (bf16) and Triton backends; window mode: generic steps do not."""
+        fused = getattr(self, "backend", "fused") == "fused"  # the "loop" reference integrates in x's dtype
+        return fused and not windowed and backends.lif_backend(x, self.surrogate) != "torch"  # type: ignore[attr-defined]
 
     def window_forward(self, x: Tensor, v0: Optional[Tensor], t0: int) -> tuple[Tensor, Tensor]:
         """(spikes, last membrane) of steps t0.. of x from v0; generic: step functions."""
@@ -109,6 +117,11 @@ class StepAdaptiveLIF(WindowedNeuron, AdaptiveLIF):
 
     def window_params(self) -> tuple[Tensor, ...]:
         return (self.leak, self.gain)
+
+    def integrates_in_fp32(self, x: Tensor, windowed: bool) -> bool:
+        if windowed:  # the window kernel: C (bf16 in, fp32 membranes) or torch ops
+            return native.supports(x, self.surrogate)  # type: ignore[attr-defined]
+        return super().integrates_in_fp32(x, windowed)
 
     def window_forward(self, x: Tensor, v0: Optional[Tensor], t0: int) -> tuple[Tensor, Tensor]:
         """The hand-written window kernel (``window_lif.py``): as lean as the fused one."""

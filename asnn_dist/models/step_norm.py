@@ -125,14 +125,30 @@ class StepBatchNorm(Fp32Buffers):
                 f"steps {t0}..{t0 + steps - 1} exceed num_steps={self.num_steps} of this BatchNorm"
             )
         batched = self.training and x.is_floating_point()
+        folded = not self.training and is_low(x.dtype) and not torch.is_grad_enabled()
         if self.channel_last:
-            x = x.contiguous() if batched else x
+            x = x.contiguous() if batched or folded else x
+            if folded:
+                return self._eval_affine(x, t0)
             return self._batched(x, t0) if batched else self._per_step(x, t0, flat=True)
         if is_channels_last_seq(x):  # conv maps stored [T, B, H, W, C]: the fast 2-D kernel
             xl = x.permute(0, 1, 3, 4, 2)
+            if folded:
+                return self._eval_affine(xl, t0).permute(0, 1, 4, 2, 3)
             y = self._batched(xl, t0) if batched else self._per_step(xl, t0, flat=True)
             return y.permute(0, 1, 4, 2, 3)
         return self._per_step(x, t0, flat=False)
+
+    def _eval_affine(self, x: Tensor, t0: int) -> Tensor:
+        """Inference on bf16/fp16 channels-last x [tau, ..., C] (contiguous): y = x * scale +
+        shift with fp32 scale/shift folded from the running statistics (as torch's CPU batch
+        norm folds them), rounded once; all steps in one pass (C kernel on CPU)."""
+        x3 = x.reshape(x.shape[0], -1, self.num_features)
+        rows = slice(t0, t0 + x3.shape[0])
+        invstd = (self.running_var[rows].float() + self.eps).rsqrt()
+        scale = self.weight.float() * invstd
+        shift = self.bias.float() - self.running_mean[rows].float() * scale
+        return _affine(x3, scale.contiguous(), shift.contiguous()).view(x.shape)
 
     def _batched(self, x: Tensor, t0: int) -> Tensor:
         """All steps of channels-last x [tau, ..., C] (contiguous) in one node; see module doc."""

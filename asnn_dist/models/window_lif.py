@@ -16,9 +16,9 @@ gradient of the returned membrane) and sg = surrogate'(h[t] - theta):
     g_s = dL/ds[t] + g_v dv/ds  (dv/ds = -theta soft, -h hard, 0 with detach_reset)
     g_h = g_v dv/dh + g_s sg    (dv/dh = 1 soft, 1 - s hard)
     dx[t] = gain[t] g_h,  dgain[t] = <g_h, x[t]>,  dleak[t] = <g_h, v[t-1]>,  dv0 = leak[0] g_h[0].
-On CPU (float32/float64, built-in surrogates) forward and backward run in the compiled C
-kernel of ``snn.native`` (the one the fused multi-step kernel uses); the torch ops below are
-the path everywhere else.
+On CPU (float32/float64, and bfloat16 x with a float32 membrane; built-in surrogates) forward
+and backward run in the compiled C kernel of ``snn.native`` (the one the fused multi-step
+kernel uses); the torch ops below are the path everywhere else.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class _WindowAdaptiveLIF(torch.autograd.Function):
         v0 = None if v0 is None else v0.contiguous()
         ctx.native = native.supports(x, surrogate)
         if ctx.native:
-            spikes, v = torch.empty_like(x), torch.empty_like(x[0])
+            # bf16 x: spikes in bf16, the membrane carried on in fp32 (snn.precision)
+            spikes, v = torch.empty_like(x), torch.empty_like(x[0], dtype=native.MEMBRANE_DTYPES[x.dtype])
             native.forward(_flat(x), None if v0 is None else v0.view(-1), lk, gn, threshold, hard, _flat(spikes),
                            v.view(-1))
         else:

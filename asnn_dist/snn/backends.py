@@ -26,7 +26,7 @@ from torch import Tensor
 
 from asnn_dist.snn import native
 
-C_DTYPES = (torch.float32, torch.float64)
+C_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # bf16: read into float32 (native/bf16.h)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The Triton LIF backward unrolls T_PAD (next power of two >= T) steps over register tiles:
 # beyond 32 it spills and takes minutes to compile, so longer sequences use torch ops.
@@ -40,7 +40,7 @@ def select_backend(device_type: str, dtype: torch.dtype, triton_available: bool,
                    surrogate_known: bool = True, steps: int = 1) -> str:
     """'c', 'triton' or 'torch' for a call on ``device_type`` tensors of ``dtype``.
 
-    C on CPU (float32/float64), Triton on CUDA (float16/bfloat16/float32/float64, T <= 32),
+    C on CPU (float32/float64/bfloat16), Triton on CUDA (float16/bfloat16/float32/float64, T <= 32),
     torch ops otherwise; custom surrogates (not built into the kernels) always take torch ops."""
     if not surrogate_known:
         return "torch"

@@ -21,7 +21,7 @@ Backward, with g_v = dL/dv[t] = leak[t+1] * g_h[t+1] and sg = surrogate'(h[t] - 
     g_h  = g_v * dv/dh + g_s * sg    (dv/dh = 1 soft, 1 - s hard)
     dx[t] = gain[t] g_h,  dgain[t] = <g_h, x[t]>,  dleak[t] = <g_h, v[t-1]>,
     dtheta = sum_t -<g_s, sg> (- <g_v, s[t]> for the soft reset).
-One kernel per device, chosen by ``snn.backends``: on CPU (float32/float64, built-in
+One kernel per device, chosen by ``snn.backends``: on CPU (float32/float64/bfloat16, built-in
 surrogates) the compiled C kernel (``snn.native``), on CUDA the Triton kernels
 (``snn.triton_lif``); both run all T steps of a block of elements in cache or registers. The
 torch ops below are the fallback where neither applies (other devices and dtypes, custom

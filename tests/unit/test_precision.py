@@ -130,3 +130,29 @@ def test_rate_code_draws_in_fp32_for_bf16_images():
     enc = build_encoder("rate", 4)
     spikes = enc(torch.full((2, 3), 0.5).to(BF16))
     assert spikes.dtype == BF16 and set(spikes.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.usefixtures("kernel_path")
+@pytest.mark.parametrize("layout", ["tokens", "maps"])
+def test_bf16_batchnorm_inference_folds_running_statistics(layout):
+    """Eval on bf16 x without autograd: one fused pass with fp32 scale/shift from the running
+    statistics, equal to F.batch_norm's fp32 normalisation rounded once (within a bf16 unit)."""
+    torch.manual_seed(0)
+    steps, c = 2, 6
+    shape = (steps, 4, 5, c) if layout == "tokens" else (steps, 4, c, 3, 3)
+    x = torch.randn(shape) * 2 + 1
+    if layout == "maps":
+        x = channels_last_seq(x)
+    bn = StepBatchNorm(c, steps, channel_last=layout == "tokens")
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(steps, c))
+        bn.running_var.copy_(torch.rand(steps, c) + 0.5)
+        bn.weight.copy_(torch.linspace(0.5, 2, c))
+    cast_params(bn, BF16).eval()
+    xb = x.to(BF16)
+    with torch.no_grad():
+        y = bn(xb)
+        bn.float()
+        ref = bn(xb.float())  # fp32 per-step F.batch_norm on the same values
+    assert y.dtype == BF16 and y.shape == x.shape
+    assert (y.float() - ref).abs().max() <= 2 ** -8 * ref.abs().max()

@@ -37,7 +37,8 @@ def test_select_backend_one_kernel_per_device():
     f32, bf16 = torch.float32, torch.bfloat16
     assert select_backend("cpu", f32, triton_available=True, native_available=True) == "c"
     assert select_backend("cpu", torch.float64, False, True) == "c"
-    assert select_backend("cpu", bf16, True, True) == "torch"  # the C kernels take float32/float64
+    assert select_backend("cpu", bf16, True, True) == "c"  # the C kernels take float32/float64/bfloat16
+    assert select_backend("cpu", torch.float16, True, True) == "torch"
     assert select_backend("cpu", f32, True, native_available=False) == "torch"  # no compiler / switched off
     for dtype in (torch.float16, bf16, f32, torch.float64):
         assert select_backend("cuda", dtype, triton_available=True) == "triton"

@@ -15,7 +15,9 @@ workers on one node build at most once each and never load a half-written file.
 ``ASNN_DIST_NATIVE=0`` switches it off (the torch-op path is then used everywhere).
 
 Calls go through ctypes, which releases the GIL; tensors are passed as raw pointers, so the
-callers (``snn.fused``) hand over contiguous CPU float32/float64 tensors of matching shapes.
+callers (``snn.fused``) hand over contiguous CPU float32/float64/bfloat16 tensors of matching
+shapes (bfloat16: float32 membranes and BatchNorm affine, ``MEMBRANE_DTYPES``; see
+``snn.precision``).
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("lif_kernel.c", "bn_kernel.c", "bits_kernel.c"))
-HEADERS = (Path(__file__).with_name("parallel.h"),)
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel.h", "bf16.h"))
 FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
 ARCH_FLAGS = ("-march=native",)
 SURROGATE_CODES = {"SigmoidSurrogate": 0, "AtanSurrogate": 1}
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+# bfloat16 tensors are read into float32 and outputs rounded once (bf16.h); the neuron's
+# membranes (v0, v_last and their gradients) and BatchNorm's scale/shift are float32 then.
+MEMBRANE_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32}
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -170,8 +175,8 @@ def forced(on: bool) -> Iterator[None]:
 
 
 def supports(x: Tensor, surrogate: object = None) -> bool:
-    """Whether the C kernels can run this call: CPU float32/float64 (and for the neuron a
-    built-in surrogate)."""
+    """Whether the C kernels can run this call: CPU float32/float64/bfloat16 (and for the
+    neuron a built-in surrogate)."""
     known = surrogate is None or type(surrogate).__name__ in SURROGATE_CODES
     return x.device.type == "cpu" and x.dtype in DTYPE_CODES and known and enabled()
 
@@ -192,7 +197,8 @@ def _doubles(values: Sequence[float]) -> ctypes.Array:
 def forward(x: Tensor, v0: Optional[Tensor], leak: Sequence[float], gain: Sequence[float], thr: float,
             hard: bool, spikes: Optional[Tensor], v_last: Optional[Tensor]) -> None:
     """Spikes of x [T, n] (into ``spikes``) and the last membrane (into ``v_last``) from v0
-    (None: rest). All tensors contiguous, same dtype; outputs may be None."""
+    (None: rest). All tensors contiguous; x and spikes of one dtype, v0 and v_last of
+    ``MEMBRANE_DTYPES[x.dtype]``; outputs may be None."""
     steps, n = x.shape
     rc = _lib.asnn_lif_forward(  # type: ignore[union-attr]
         DTYPE_CODES[x.dtype], steps, n, _ptr(x), _ptr(v0), _doubles(leak), _doubles(gain), float(thr),
@@ -226,7 +232,8 @@ def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def bn_apply(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """x * scale[t, c] + shift[t, c] for x [T, M, C]; scale and shift [T, C] in x's dtype."""
+    """x * scale[t, c] + shift[t, c] for x [T, M, C]; scale and shift [T, C] in x's dtype
+    (float32 for bfloat16 x: computed in float32, y rounded once)."""
     steps, m, c = x.shape
     y = torch.empty_like(x)
     _check(_lib.asnn_bn_apply(DTYPE_CODES[x.dtype], steps, m, c, _ptr(x), _ptr(scale), _ptr(shift),  # type: ignore[union-attr]
@@ -258,7 +265,7 @@ def pack_bits(x: Tensor) -> Optional[Tensor]:
 
 
 def unpack_bits(bits: Tensor, out: Tensor) -> Tensor:
-    """Fill the contiguous ``out`` (float32/float64) with the values ``pack_bits`` stored."""
+    """Fill the contiguous ``out`` (float32/float64/bfloat16) with the values ``pack_bits`` stored."""
     rc = _lib.asnn_unpack_bits(DTYPE_CODES[out.dtype], out.numel(), _ptr(bits), _ptr(out),  # type: ignore[union-attr]
                                torch.get_num_threads())
     _check(rc, "bit unpacking")

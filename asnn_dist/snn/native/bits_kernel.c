@@ -4,11 +4,13 @@
  * smaller than float32, 1 bit is 32x. Packing also checks the values: a tensor holding
  * anything but 0 and 1 (a residual sum of spikes, say) is reported, and the caller keeps it
  * as uint8 instead. Bit b of byte j is value 8 j + b (memory order of the input).
+ * Element types (dtype code): float32 (0), float64 (1), bfloat16 (2).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "parallel.h"
 
 typedef struct BitsJob {
@@ -21,26 +23,27 @@ typedef struct BitsJob {
     void (*fn)(struct BitsJob *);
 } BitsJob;
 
-#define DEFINE_BITS(REAL, SUFFIX)                                                                     \
+/* STORE: element type; CALC: the type its values are compared in; LD / ST: bf16.h. */
+#define DEFINE_BITS(STORE, CALC, SUFFIX, LD, ST)                                                                     \
     static void pack_##SUFFIX(BitsJob *j) {                                                          \
-        const REAL *restrict x = (const REAL *)j->x;                                                   \
+        const STORE *restrict x = (const STORE *)j->x;                                                   \
         uint8_t *restrict out = j->bits;                                                               \
         int bad = 0;                                                                                   \
         int64_t full = j->n / 8 < j->hi ? j->n / 8 : j->hi;                                            \
         for (int64_t b = j->lo; b < full; ++b) {                                                       \
-            const REAL *v = x + 8 * b;                                                                 \
+            const STORE *v = x + 8 * b;                                                                 \
             uint8_t byte = 0;                                                                          \
             for (int k = 0; k < 8; ++k) {                                                              \
-                bad |= (v[k] != (REAL)0) & (v[k] != (REAL)1);                                          \
-                byte |= (uint8_t)((v[k] != (REAL)0) << k);                                             \
+                bad |= (LD(v[k]) != (CALC)0) & (LD(v[k]) != (CALC)1);                                          \
+                byte |= (uint8_t)((LD(v[k]) != (CALC)0) << k);                                             \
             }                                                                                          \
             out[b] = byte;                                                                             \
         }                                                                                              \
         if (full < j->hi) { /* the last, partial byte */                                               \
             uint8_t byte = 0;                                                                          \
             for (int64_t i = 8 * full; i < j->n; ++i) {                                                \
-                bad |= (x[i] != (REAL)0) & (x[i] != (REAL)1);                                          \
-                byte |= (uint8_t)((x[i] != (REAL)0) << (i - 8 * full));                                \
+                bad |= (LD(x[i]) != (CALC)0) & (LD(x[i]) != (CALC)1);                                          \
+                byte |= (uint8_t)((LD(x[i]) != (CALC)0) << (i - 8 * full));                                \
             }                                                                                          \
             out[full] = byte;                                                                          \
         }                                                                                              \
@@ -49,16 +52,19 @@ typedef struct BitsJob {
                                                                                                        \
     static void unpack_##SUFFIX(BitsJob *j) {                                                        \
         const uint8_t *restrict in = j->bits;                                                          \
-        REAL *restrict y = (REAL *)j->y;                                                               \
+        STORE *restrict y = (STORE *)j->y;                                                               \
         int64_t full = j->n / 8 < j->hi ? j->n / 8 : j->hi;                                            \
         for (int64_t b = j->lo; b < full; ++b)                                                         \
-            for (int k = 0; k < 8; ++k) y[8 * b + k] = (REAL)((in[b] >> k) & 1);                       \
+            for (int k = 0; k < 8; ++k) y[8 * b + k] = ST((CALC)((in[b] >> k) & 1));                       \
         if (full < j->hi)                                                                              \
-            for (int64_t i = 8 * full; i < j->n; ++i) y[i] = (REAL)((in[full] >> (i - 8 * full)) & 1);  \
+            for (int64_t i = 8 * full; i < j->n; ++i) y[i] = ST((CALC)((in[full] >> (i - 8 * full)) & 1));  \
     }
 
-DEFINE_BITS(float, f32)
-DEFINE_BITS(double, f64)
+DEFINE_BITS(float, float, f32, ID_LD, ID_ST)
+DEFINE_BITS(double, double, f64, ID_LD, ID_ST)
+DEFINE_BITS(bf16_t, float, bf16, bf16_ld, bf16_st)
+
+#define PICK(dtype, name) ((dtype) == 2 ? name##_bf16 : (dtype) == 1 ? name##_f64 : name##_f32)
 
 static void bits_run(void *arg) {
     BitsJob *j = (BitsJob *)arg;
@@ -90,12 +96,12 @@ int asnn_pack_bits(int dtype, int64_t n, const void *x, uint8_t *bits, int threa
     BitsJob j;
     memset(&j, 0, sizeof j);
     j.n = n; j.x = x; j.bits = bits;
-    return bits_parallel(j, dtype ? pack_f64 : pack_f32, threads);
+    return bits_parallel(j, PICK(dtype, pack), threads);
 }
 
 int asnn_unpack_bits(int dtype, int64_t n, const uint8_t *bits, void *y, int threads) {
     BitsJob j;
     memset(&j, 0, sizeof j);
     j.n = n; j.bits = (uint8_t *)bits; j.y = y;
-    return bits_parallel(j, dtype ? unpack_f64 : unpack_f32, threads) < 0;
+    return bits_parallel(j, PICK(dtype, unpack), threads) < 0;
 }

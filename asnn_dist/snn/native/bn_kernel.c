@@ -11,11 +11,14 @@
  *                                          folding of torch's CPU batch_norm)
  *   backward: sum_gy[t,c] = sum_m gy;  dotp[t,c] = sum_m gy (x - mean)
  *             gx = (gy - sum_gy / M - (x - mean) dotp invstd^2 / M) scale
+ * Element types (dtype code): float32 (0), float64 (1), bfloat16 (2). bf16 tensors are read
+ * into float / double, scale and shift are float32, and every output is rounded once (bf16.h).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "parallel.h"
 
 typedef struct BnJob {
@@ -27,16 +30,18 @@ typedef struct BnJob {
     void (*fn)(struct BnJob *);
 } BnJob;
 
-#define DEFINE_BN(REAL, SUFFIX)                                                                       \
+/* STORE: the element type of x, y, gy, gx; AFF: of scale and shift (and the arithmetic of
+ * apply); LD / ST / STD: load an element, store a value of AFF / of double (bf16.h). */
+#define DEFINE_BN(STORE, AFF, SUFFIX, LD, ST, STD)                                                    \
     static void stats_##SUFFIX(BnJob *j) {                                                           \
-        const REAL *x = (const REAL *)j->x;                                                            \
+        const STORE *x = (const STORE *)j->x;                                                          \
         const int64_t C = j->C;                                                                        \
         for (int64_t t = 0; t < j->T; ++t) {                                                           \
             double *restrict s1 = j->acc + 2 * t * C, *restrict s2 = s1 + C;                           \
             for (int64_t m = j->lo; m < j->hi; ++m) {                                                  \
-                const REAL *restrict row = x + (t * j->M + m) * C;                                     \
+                const STORE *restrict row = x + (t * j->M + m) * C;                                    \
                 for (int64_t c = 0; c < C; ++c) {                                                      \
-                    double v = (double)row[c];                                                         \
+                    double v = (double)LD(row[c]);                                                     \
                     s1[c] += v;                                                                        \
                     s2[c] += v * v;                                                                    \
                 }                                                                                      \
@@ -45,31 +50,32 @@ typedef struct BnJob {
     }                                                                                                  \
                                                                                                        \
     static void apply_##SUFFIX(BnJob *j) {                                                           \
-        const REAL *x = (const REAL *)j->x, *sc = (const REAL *)j->scale, *sh = (const REAL *)j->shift; \
-        REAL *y = (REAL *)j->y;                                                                        \
+        const STORE *x = (const STORE *)j->x;                                                          \
+        const AFF *sc = (const AFF *)j->scale, *sh = (const AFF *)j->shift;                            \
+        STORE *y = (STORE *)j->y;                                                                      \
         const int64_t C = j->C;                                                                        \
         for (int64_t t = 0; t < j->T; ++t) {                                                           \
-            const REAL *restrict a = sc + t * C, *restrict b = sh + t * C;                             \
+            const AFF *restrict a = sc + t * C, *restrict b = sh + t * C;                              \
             for (int64_t m = j->lo; m < j->hi; ++m) {                                                  \
-                const REAL *restrict row = x + (t * j->M + m) * C;                                     \
-                REAL *restrict out = y + (t * j->M + m) * C;                                           \
-                for (int64_t c = 0; c < C; ++c) out[c] = row[c] * a[c] + b[c];                         \
+                const STORE *restrict row = x + (t * j->M + m) * C;                                    \
+                STORE *restrict out = y + (t * j->M + m) * C;                                          \
+                for (int64_t c = 0; c < C; ++c) out[c] = ST(LD(row[c]) * a[c] + b[c]);                 \
             }                                                                                          \
         }                                                                                              \
     }                                                                                                  \
                                                                                                        \
     static void grad_sums_##SUFFIX(BnJob *j) {                                                       \
-        const REAL *x = (const REAL *)j->x, *gy = (const REAL *)j->gy;                                 \
+        const STORE *x = (const STORE *)j->x, *gy = (const STORE *)j->gy;                              \
         const int64_t C = j->C;                                                                        \
         for (int64_t t = 0; t < j->T; ++t) {                                                           \
             double *restrict s1 = j->acc + 2 * t * C, *restrict s2 = s1 + C;                           \
             const double *restrict mu = j->mean + t * C;                                               \
             for (int64_t m = j->lo; m < j->hi; ++m) {                                                  \
-                const REAL *restrict row = x + (t * j->M + m) * C, *restrict g = gy + (t * j->M + m) * C; \
+                const STORE *restrict row = x + (t * j->M + m) * C, *restrict g = gy + (t * j->M + m) * C; \
                 for (int64_t c = 0; c < C; ++c) {                                                      \
-                    double gv = (double)g[c];                                                          \
+                    double gv = (double)LD(g[c]);                                                      \
                     s1[c] += gv;                                                                       \
-                    s2[c] += gv * ((double)row[c] - mu[c]);                                            \
+                    s2[c] += gv * ((double)LD(row[c]) - mu[c]);                                        \
                 }                                                                                      \
             }                                                                                          \
         }                                                                                              \
@@ -78,25 +84,30 @@ typedef struct BnJob {
     /* gx from the summed statistics: acc here holds, per step, k1 = sum_gy / M and              \
      * k2 = dotp invstd^2 / M (set by asnn_bn_backward before this pass). */                        \
     static void grad_input_##SUFFIX(BnJob *j) {                                                      \
-        const REAL *x = (const REAL *)j->x, *gy = (const REAL *)j->gy, *sc = (const REAL *)j->scale;   \
-        REAL *gx = (REAL *)j->gx;                                                                      \
+        const STORE *x = (const STORE *)j->x, *gy = (const STORE *)j->gy;                              \
+        const AFF *sc = (const AFF *)j->scale;                                                         \
+        STORE *gx = (STORE *)j->gx;                                                                    \
         const int64_t C = j->C;                                                                        \
         for (int64_t t = 0; t < j->T; ++t) {                                                           \
             const double *restrict k1 = j->acc + 2 * t * C, *restrict k2 = k1 + C;                     \
             const double *restrict mu = j->mean + t * C;                                               \
-            const REAL *restrict a = sc + t * C;                                                       \
+            const AFF *restrict a = sc + t * C;                                                        \
             for (int64_t m = j->lo; m < j->hi; ++m) {                                                  \
                 const int64_t off = (t * j->M + m) * C;                                                \
-                const REAL *restrict row = x + off, *restrict g = gy + off;                            \
-                REAL *restrict out = gx + off;                                                         \
+                const STORE *restrict row = x + off, *restrict g = gy + off;                           \
+                STORE *restrict out = gx + off;                                                        \
                 for (int64_t c = 0; c < C; ++c)                                                        \
-                    out[c] = (REAL)(((double)g[c] - k1[c] - ((double)row[c] - mu[c]) * k2[c]) * (double)a[c]); \
+                    out[c] = STD(((double)LD(g[c]) - k1[c] - ((double)LD(row[c]) - mu[c]) * k2[c]) * (double)a[c]); \
             }                                                                                          \
         }                                                                                              \
     }
 
-DEFINE_BN(float, f32)
-DEFINE_BN(double, f64)
+#define F32_STD(v) ((float)(v))
+DEFINE_BN(float, float, f32, ID_LD, ID_ST, F32_STD)
+DEFINE_BN(double, double, f64, ID_LD, ID_ST, ID_ST)
+DEFINE_BN(bf16_t, float, bf16, bf16_ld, bf16_st, bf16_st_d)
+
+#define PICK(dtype, name) ((dtype) == 2 ? name##_bf16 : (dtype) == 1 ? name##_f64 : name##_f32)
 
 static void bn_run(void *arg) {
     BnJob *j = (BnJob *)arg;
@@ -140,7 +151,7 @@ int asnn_bn_stats(int dtype, int64_t T, int64_t M, int64_t C, const void *x, dou
     j.T = T; j.M = M; j.C = C; j.x = x;
     double *acc = calloc((size_t)(2 * T * C), sizeof(double));
     if (!acc) return 1;
-    int rc = bn_parallel(j, dtype ? stats_f64 : stats_f32, threads, acc, NULL);
+    int rc = bn_parallel(j, PICK(dtype, stats), threads, acc, NULL);
     for (int64_t t = 0; t < T && !rc; ++t)
         for (int64_t c = 0; c < C; ++c) {
             double mu = acc[2 * t * C + c] / (double)M;
@@ -157,7 +168,7 @@ int asnn_bn_apply(int dtype, int64_t T, int64_t M, int64_t C, const void *x, con
     BnJob j;
     memset(&j, 0, sizeof j);
     j.T = T; j.M = M; j.C = C; j.x = x; j.scale = scale; j.shift = shift; j.y = y;
-    return bn_parallel(j, dtype ? apply_f64 : apply_f32, threads, NULL, NULL);
+    return bn_parallel(j, PICK(dtype, apply), threads, NULL, NULL);
 }
 
 /* sums_out [2 T C]: sum_gy then dotp per step; gx (may be NULL) from them. */
@@ -166,7 +177,7 @@ int asnn_bn_backward(int dtype, int64_t T, int64_t M, int64_t C, const void *x, 
     BnJob j;
     memset(&j, 0, sizeof j);
     j.T = T; j.M = M; j.C = C; j.x = x; j.gy = gy; j.mean = mean; j.invstd = invstd; j.scale = scale; j.gx = gx;
-    int rc = bn_parallel(j, dtype ? grad_sums_f64 : grad_sums_f32, threads, sums_out, NULL);
+    int rc = bn_parallel(j, PICK(dtype, grad_sums), threads, sums_out, NULL);
     if (rc || !gx) return rc;
     size_t n = (size_t)(2 * T * C);
     double *k = malloc(n * sizeof(double));
@@ -177,7 +188,7 @@ int asnn_bn_backward(int dtype, int64_t T, int64_t M, int64_t C, const void *x, 
             k[2 * t * C + c] = sums_out[2 * t * C + c] / (double)M;
             k[2 * t * C + C + c] = sums_out[2 * t * C + C + c] * invstd[i] * invstd[i] / (double)M;
         }
-    rc = bn_parallel(j, dtype ? grad_input_f64 : grad_input_f32, threads, NULL, k);
+    rc = bn_parallel(j, PICK(dtype, grad_input), threads, NULL, k);
     free(k);
     return rc;
 }

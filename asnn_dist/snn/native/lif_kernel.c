@@ -22,12 +22,16 @@
  * Parameter gradients are summed per block of BLK elements in the element type (vectorised),
  * then in double over blocks and threads, in a fixed order (per thread, then threads in
  * order), so results are deterministic for a given thread count.
+ * bfloat16 tensors (x, spikes, gout, gx) are read into float and outputs rounded once
+ * (bf16.h); the membrane and all arithmetic are float32, so the bf16 kernel computes exactly
+ * what the float32 kernel computes on the same values.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "parallel.h"
 
 #define BLK 256
@@ -97,7 +101,7 @@ static inline double exp_neg_abs_d(double a) {
 #define LIF_H(g, xv, l, v) ((g) * (xv) + (l) * (v))
 #define LIF_V(h, s, thr, hard) ((hard) ? ((h) >= (thr) ? 0 : (h)) : (h) - (thr) * (s))
 
-#define DEFINE_KERNELS(REAL, SUFFIX, EXPNEG)                                                          \
+#define DEFINE_KERNELS(REAL, STORE, SUFFIX, EXPNEG, LD, ST)                                             \
     static inline REAL surrogate_##SUFFIX(REAL y, int sur, REAL alpha) {                              \
         if (sur == SUR_SIGMOID) { /* alpha sig(ay)(1 - sig(ay)) = alpha e / (1 + e)^2, e = exp(-|ay|) */ \
             REAL e = EXPNEG(alpha * y);                                                                \
@@ -109,32 +113,32 @@ static inline double exp_neg_abs_d(double a) {
     }                                                                                                  \
                                                                                                        \
     /* One step for m elements: v (in: v[t-1] unless first_rest; out: v[t]); h and s optional. */   \
-    static inline __attribute__((always_inline)) void step_##SUFFIX(int64_t m, const REAL *restrict xt, const REAL *restrict vin,    \
-                                     REAL *restrict vout, REAL *restrict ht, REAL *restrict st,       \
+    static inline __attribute__((always_inline)) void step_##SUFFIX(int64_t m, const STORE *restrict xt, const REAL *restrict vin, \
+                                     REAL *restrict vout, REAL *restrict ht, STORE *restrict st,        \
                                      REAL g, REAL l, REAL thr, int hard) {                            \
         if (vin) {                                                                                     \
             for (int64_t i = 0; i < m; ++i) {                                                          \
-                REAL h = LIF_H(g, xt[i], l, vin[i]);                                                   \
+                REAL h = LIF_H(g, LD(xt[i]), l, vin[i]);                                                \
                 REAL s = h >= thr ? (REAL)1 : (REAL)0;                                                 \
                 vout[i] = LIF_V(h, s, thr, hard);                                                      \
                 if (ht) ht[i] = h;                                                                     \
-                if (st) st[i] = s;                                                                     \
+                if (st) st[i] = ST(s);                                                                  \
             }                                                                                          \
         } else {                                                                                       \
             for (int64_t i = 0; i < m; ++i) {                                                          \
-                REAL h = g * xt[i];                                                                    \
+                REAL h = g * LD(xt[i]);                                                                 \
                 REAL s = h >= thr ? (REAL)1 : (REAL)0;                                                 \
                 vout[i] = LIF_V(h, s, thr, hard);                                                      \
                 if (ht) ht[i] = h;                                                                     \
-                if (st) st[i] = s;                                                                     \
+                if (st) st[i] = ST(s);                                                                  \
             }                                                                                          \
         }                                                                                              \
     }                                                                                                  \
                                                                                                        \
     static void forward_##SUFFIX(Job *j) {                                                            \
         REAL va[BLK], vb[BLK];                                                                         \
-        const REAL *x = (const REAL *)j->x, *v0 = (const REAL *)j->v0;                                 \
-        REAL *sp = (REAL *)j->spikes;                                                                  \
+        const STORE *x = (const STORE *)j->x; const REAL *v0 = (const REAL *)j->v0;                     \
+        STORE *sp = (STORE *)j->spikes;                                                                 \
         const int64_t n = j->n;                                                                        \
         for (int64_t i0 = j->lo; i0 < j->hi; i0 += BLK) {                                              \
             int64_t m = j->hi - i0 < BLK ? j->hi - i0 : BLK;                                           \
@@ -156,8 +160,8 @@ static inline double exp_neg_abs_d(double a) {
      * for a given build, so results are reproducible), in the element type over one block;  \
      * callers add the block sums in double. vp: v[t-1] (zeros at rest).                      */ \
     static inline __attribute__((always_inline)) void reverse_##SUFFIX(                               \
-        int64_t m, const REAL *restrict ht, const REAL *restrict got, const REAL *restrict xt,         \
-        const REAL *restrict vp, REAL *restrict gxt, REAL *restrict gvv, REAL g, REAL l, REAL thr,     \
+        int64_t m, const REAL *restrict ht, const STORE *restrict got, const STORE *restrict xt,        \
+        const REAL *restrict vp, STORE *restrict gxt, REAL *restrict gvv, REAL g, REAL l, REAL thr,     \
         REAL alpha, double *restrict sums, const int sur, const int hard, const int detach) {          \
         REAL s_gain = 0, s_leak = 0, s_thr = 0;                                                      \
         _Pragma("omp simd reduction(+ : s_gain, s_leak, s_thr)")                                      \
@@ -165,11 +169,11 @@ static inline double exp_neg_abs_d(double a) {
             REAL h = ht[i], gv = gvv[i];                                                               \
             REAL s = h >= thr ? (REAL)1 : (REAL)0;                                                     \
             REAL sg = surrogate_##SUFFIX(h - thr, sur, alpha);                                         \
-            REAL gs = detach ? got[i] : got[i] + gv * (hard ? -h : -thr);                              \
+            REAL gs = detach ? LD(got[i]) : LD(got[i]) + gv * (hard ? -h : -thr);                       \
             REAL gh = gs * sg + (hard ? gv * ((REAL)1 - s) : gv);                                      \
             gvv[i] = l * gh;                                                                           \
-            gxt[i] = g * gh;                                                                           \
-            s_gain += gh * xt[i];                                                      \
+            gxt[i] = ST(g * gh);                                                                        \
+            s_gain += gh * LD(xt[i]);                                                                   \
             s_leak += gh * vp[i];                                                      \
             s_thr += gs * sg + (hard ? (REAL)0 : gv * s);                              \
         }                                                                                              \
@@ -184,9 +188,9 @@ static inline double exp_neg_abs_d(double a) {
         if (!H) { j->failed = 1; return; }                                                             \
         REAL *V = H + T * BLK, *GV = V + T * BLK, *GXS = GV + BLK, *ZERO = GXS + BLK;                  \
         memset(ZERO, 0, BLK * sizeof(REAL));                                                           \
-        const REAL *x = (const REAL *)j->x, *v0 = (const REAL *)j->v0, *go = (const REAL *)j->gout;    \
+        const STORE *x = (const STORE *)j->x, *go = (const STORE *)j->gout; const REAL *v0 = (const REAL *)j->v0; \
         const REAL *gl = (const REAL *)j->glast;                                                       \
-        REAL *gx = (REAL *)j->gx, *gv0 = (REAL *)j->gv0;                                               \
+        STORE *gx = (STORE *)j->gx; REAL *gv0 = (REAL *)j->gv0;                                         \
         const REAL thr = (REAL)j->thr, alpha = (REAL)j->alpha;                                         \
         const int mode = j->sur * 4 + j->hard * 2 + j->detach;                                         \
         double *d_leak = j->acc, *d_gain = j->acc + T, *d_thr = j->acc + 2 * T;                        \
@@ -200,9 +204,9 @@ static inline double exp_neg_abs_d(double a) {
             else memset(GV, 0, (size_t)m * sizeof(REAL));                                              \
             for (int64_t t = T - 1; t >= 0; --t) {                                                     \
                 const REAL g = (REAL)j->gain[t], l = (REAL)j->leak[t];                                 \
-                const REAL *ht = H + t * BLK, *got = go + t * n + i0, *xt = x + t * n + i0;            \
+                const REAL *ht = H + t * BLK; const STORE *got = go + t * n + i0, *xt = x + t * n + i0; \
                 const REAL *vp = t ? V + (t - 1) * BLK : (v0 ? v0 + i0 : ZERO);                        \
-                REAL *gxt = gx ? gx + t * n + i0 : GXS;                                                \
+                STORE *gxt = gx ? gx + t * n + i0 : (STORE *)GXS;                                       \
                 double sums[3] = {0, 0, 0};                                                            \
                 switch (mode) {                                                                        \
                     case 0: reverse_##SUFFIX(m, ht, got, xt, vp, gxt, GV, g, l, thr, alpha, sums, 0, 0, 0); break; \
@@ -223,8 +227,12 @@ static inline double exp_neg_abs_d(double a) {
         free(H);                                                                                       \
     }
 
-DEFINE_KERNELS(float, f32, exp_neg_abs_f)
-DEFINE_KERNELS(double, f64, exp_neg_abs_d)
+DEFINE_KERNELS(float, float, f32, exp_neg_abs_f, ID_LD, ID_ST)
+DEFINE_KERNELS(double, double, f64, exp_neg_abs_d, ID_LD, ID_ST)
+/* bf16 x, spikes, gout, gx; float membranes (v0, vlast, glast, gv0) and arithmetic */
+DEFINE_KERNELS(float, bf16_t, bf16, exp_neg_abs_f, bf16_ld, bf16_st)
+
+#define PICK(dtype, name) ((dtype) == 2 ? name##_bf16 : (dtype) == 1 ? name##_f64 : name##_f32)
 
 static void run_job(void *arg) {
     Job *j = (Job *)arg;
@@ -263,14 +271,15 @@ done:
     return rc;
 }
 
-/* dtype: 0 float32, 1 float64. Pointers may be NULL where documented in native.py. */
+/* dtype: 0 float32, 1 float64, 2 bfloat16 (x, spikes, gout, gx; the membranes v0, vlast,
+ * glast, gv0 are float32 then). Pointers may be NULL where documented in native.py. */
 int asnn_lif_forward(int dtype, int64_t T, int64_t n, const void *x, const void *v0, const double *leak,
                      const double *gain, double thr, int hard, void *spikes, void *vlast, int threads) {
     Job j;
     memset(&j, 0, sizeof j);
     j.T = T; j.n = n; j.x = x; j.v0 = v0; j.leak = leak; j.gain = gain; j.thr = thr; j.hard = hard;
     j.spikes = spikes; j.vlast = vlast;
-    return parallel(j, dtype ? forward_f64 : forward_f32, threads, NULL);
+    return parallel(j, PICK(dtype, forward), threads, NULL);
 }
 
 int asnn_lif_backward(int dtype, int64_t T, int64_t n, const void *x, const void *v0, const void *gout,
@@ -281,5 +290,5 @@ int asnn_lif_backward(int dtype, int64_t T, int64_t n, const void *x, const void
     memset(&j, 0, sizeof j);
     j.T = T; j.n = n; j.x = x; j.v0 = v0; j.gout = gout; j.glast = glast; j.leak = leak; j.gain = gain;
     j.thr = thr; j.hard = hard; j.detach = detach; j.sur = sur; j.alpha = alpha; j.gx = gx; j.gv0 = gv0;
-    return parallel(j, dtype ? backward_f64 : backward_f32, threads, acc_out);
+    return parallel(j, PICK(dtype, backward), threads, acc_out);
 }
