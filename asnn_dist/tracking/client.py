@@ -9,6 +9,7 @@ queued before it has been sent (the worker flushes before every checkpoint and a
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -30,7 +31,6 @@ def redact_uri(uri: str) -> str:
 
 def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
     """Fail before training if MLflow cannot be reached (the message names the URI)."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     if uri.startswith(("http://", "https://")):
@@ -49,10 +49,26 @@ def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
             ) from None
         return
     try:
-        mlflow.set_tracking_uri(uri)
+        set_mlflow_uri(uri)
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 (any backend failure means unusable)
         raise ServiceError(f"cannot open MLflow tracking store {redact_uri(uri)}: {exc}") from None
+
+
+def set_mlflow_uri(uri: str) -> None:
+    """``mlflow.set_tracking_uri`` without its export of MLFLOW_TRACKING_URI to the environment.
+
+    MLflow writes the URI into ``os.environ``; the config loader reads MLFLOW_TRACKING_URI as the
+    user's default, so a run in this process would otherwise become the default of every config
+    loaded after it (and of every process started from it)."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def with_retries(fn: Callable[[], R], what: str, attempts: int = 4, base_delay_s: float = 0.5,

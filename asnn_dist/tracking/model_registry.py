@@ -15,6 +15,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from asnn_dist.tracking.client import set_mlflow_uri
+
 log = logging.getLogger(__name__)
 
 METRIC_TAG = "asnn.eval_metric"
@@ -44,7 +46,7 @@ def log_and_register(
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
+    set_mlflow_uri(tracking_uri)
     model = model.eval()
     with torch.no_grad():
         out = model(example)
@@ -125,6 +127,6 @@ def load_registered_model(model_uri: str, tracking_uri: Optional[str] = None) ->
     import mlflow
 
     if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+        set_mlflow_uri(tracking_uri)
     model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
     return model.eval()

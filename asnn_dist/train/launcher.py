@@ -53,13 +53,12 @@ RUN_NAME_TAG = "asnn.run_name"
 def start_mlflow_run(cfg: ExperimentConfig, tags: Optional[dict[str, str]] = None) -> str:
     """Create the MLflow run, or reopen the one of a resumed job (same run.name). ``tags`` go on a
     new run (a Tune trial passes ``mlflow.parentRunId`` to nest under its search's run)."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    from asnn_dist.tracking.client import RunLogger, check_tracking_server
+    from asnn_dist.tracking.client import RunLogger, check_tracking_server, set_mlflow_uri
 
     check_tracking_server(cfg.tracking.uri)
-    mlflow.set_tracking_uri(cfg.tracking.uri)
+    set_mlflow_uri(cfg.tracking.uri)
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:

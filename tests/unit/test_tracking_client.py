@@ -6,6 +6,7 @@ fake clients where failures and slowness are staged."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -193,3 +194,21 @@ def test_run_logger_stops_backoff_and_warnings_after_the_first_failure(monkeypat
         for step in range(3):
             logger.log_metrics({"x": 1.0}, step)  # synchronous: never raises
     assert fake.attempts == 4 + 1 + 1 and logger.failures == 3 and len(caplog.records) == 1
+
+
+def test_setting_our_tracking_uri_leaves_the_users_environment_alone(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; the config loader reads that as the
+    user's default, so a run must not change it for configs loaded afterwards."""
+    import mlflow
+
+    from asnn_dist.config import load_config
+    from asnn_dist.tracking.client import set_mlflow_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    set_mlflow_uri(f"sqlite:///{tmp_path}/a.db")
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/a.db"
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert load_config(None, [f"workdir={tmp_path}/w"]).tracking.uri == f"sqlite:///{tmp_path}/w/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    set_mlflow_uri(f"sqlite:///{tmp_path}/b.db")
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
