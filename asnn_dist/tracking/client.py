@@ -55,6 +55,15 @@ def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
         raise ServiceError(f"cannot open MLflow tracking store {redact_uri(uri)}: {exc}") from None
 
 
+def experiment_id(client: Any, name: str, artifact_location: Optional[str] = None) -> str:
+    """The id of the named MLflow experiment, created (with its artifact root) if missing."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        client.create_experiment(name, artifact_location=artifact_location)
+        exp = client.get_experiment_by_name(name)
+    return exp.experiment_id
+
+
 def set_mlflow_uri(uri: str) -> None:
     """``mlflow.set_tracking_uri`` without its export of MLFLOW_TRACKING_URI to the environment.
 

@@ -55,22 +55,19 @@ def start_mlflow_run(cfg: ExperimentConfig, tags: Optional[dict[str, str]] = Non
     new run (a Tune trial passes ``mlflow.parentRunId`` to nest under its search's run)."""
     from mlflow.tracking import MlflowClient
 
-    from asnn_dist.tracking.client import RunLogger, check_tracking_server, set_mlflow_uri
+    from asnn_dist.tracking.client import RunLogger, check_tracking_server, experiment_id, set_mlflow_uri
 
     check_tracking_server(cfg.tracking.uri)
     set_mlflow_uri(cfg.tracking.uri)
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        client.create_experiment(cfg.tracking.experiment, artifact_location=cfg.tracking.artifact_location)
-        exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}'",
+    exp_id = experiment_id(client, cfg.tracking.experiment, cfg.tracking.artifact_location)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}'",
                                max_results=1)
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
-    run = client.create_run(exp.experiment_id, run_name=cfg.run.name, tags={RUN_NAME_TAG: cfg.run.name, **(tags or {})})
+    run = client.create_run(exp_id, run_name=cfg.run.name, tags={RUN_NAME_TAG: cfg.run.name, **(tags or {})})
     logger = RunLogger(cfg.tracking.uri, run.info.run_id)
     logger.log_params(flatten_config(cfg))
     with tempfile.TemporaryDirectory() as tmp:

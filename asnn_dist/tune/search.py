@@ -104,22 +104,19 @@ def start_parent_run(cfg: ExperimentConfig, name: str, sampled: Sampled) -> str:
     """The search's MLflow run (reopened when the search resumes): space, scheduler, search."""
     from mlflow.tracking import MlflowClient
 
-    from asnn_dist.tracking.client import RunLogger, check_tracking_server
+    from asnn_dist.tracking.client import RunLogger, check_tracking_server, experiment_id
     from asnn_dist.train.launcher import RUN_NAME_TAG
 
     assert cfg.tune is not None
     check_tracking_server(cfg.tracking.uri)
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        client.create_experiment(cfg.tracking.experiment, artifact_location=cfg.tracking.artifact_location)
-        exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    found = client.search_runs([exp.experiment_id], max_results=1, filter_string=(
+    exp_id = experiment_id(client, cfg.tracking.experiment, cfg.tracking.artifact_location)
+    found = client.search_runs([exp_id], max_results=1, filter_string=(
         f"tags.`{RUN_NAME_TAG}` = '{name}' and tags.`{SEARCH_KIND_TAG}` = 'search'"))
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
-    run = client.create_run(exp.experiment_id, run_name=name, tags={RUN_NAME_TAG: name, SEARCH_KIND_TAG: "search"})
+    run = client.create_run(exp_id, run_name=name, tags={RUN_NAME_TAG: name, SEARCH_KIND_TAG: "search"})
     logger = RunLogger(cfg.tracking.uri, run.info.run_id)
     t = cfg.tune
     params = {f"space.{k}": json.dumps(v) for k, v in _flat_space(cfg).items()}
