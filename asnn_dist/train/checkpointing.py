@@ -60,17 +60,35 @@ def load_training_checkpoint(engine, folder: str, rank: int) -> dict[str, Any]:
     return json.loads(Path(folder, STATE_FILE).read_text())
 
 
+def fp32_master_weights(engine) -> Optional[dict[str, torch.Tensor]]:
+    """The full fp32 master copy of every parameter of a bf16/fp16 engine, on the CPU (None for
+    an fp32 engine). Collective: every rank calls it (DeepSpeed all-reduces each partition)."""
+    if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)  # None where the optimizer keeps no fp32 copy
+        out[name] = (full if full is not None else p).detach().float().cpu().clone()
+    return out
+
+
 def consolidated_state_dict(engine, zero_stage: int) -> Optional[dict[str, torch.Tensor]]:
-    """Full fp32 weights on rank 0 (None elsewhere); collective under ZeRO-3."""
+    """Full fp32 weights on rank 0 (None elsewhere); collective under ZeRO-3 and for bf16/fp16
+    engines, whose parameters come from the optimizer's fp32 master copy (not the rounded
+    16-bit weights the engine computes with)."""
     import torch.distributed as dist
 
     if zero_stage == 3:
         sd = engine._zero3_consolidated_16bit_state_dict()
     else:
         sd = engine.module.state_dict()
+    masters = fp32_master_weights(engine)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank != 0:
         return None
+    sd = {**sd, **(masters or {})}
     return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone() for k, v in sd.items()}
 
 

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from asnn_dist.config import load_config
 
@@ -35,7 +36,10 @@ def test_digits_trains_in_bf16_on_two_workers(stage, tmp_path, digits_shards, ra
     # two epochs of the demo recipe: far above chance (10 %) if bf16 training works
     assert m["val_top1"] > 0.6, m["val_top1"]
     state_dict, meta = load_final_model(str(out.checkpoint_path))
-    # the consolidated model is fp32, buffers included (running statistics stayed fp32)
+    # the consolidated model is fp32, buffers included (running statistics stayed fp32), and
+    # its weights are the optimizer's fp32 masters, not the engine's bf16-rounded copies
     floats = {k: v for k, v in state_dict.items() if v.is_floating_point()}
-    assert floats and all(v.dtype.is_floating_point and v.dtype.itemsize >= 4 for v in floats.values())
+    assert floats and all(v.dtype == torch.float32 for v in floats.values())
     assert any(k.endswith("running_var") for k in floats)
+    weight = state_dict["body.2.0.0.weight"]  # a conv of the LeNet
+    assert not torch.equal(weight, weight.to(torch.bfloat16).float())

@@ -53,20 +53,22 @@ def test_encoder_thresholds_compare_in_fp32_or_better():
 
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("segment", [0, 2])
-def test_bf16_parameters_train_with_the_policy(name, segment):
-    """bf16 parameters, fp32 images: forward and backward run without any input cast by the
-    caller; logits (head and readout) are fp32; every parameter gets a finite bf16 gradient;
+@pytest.mark.parametrize("dtype", [BF16, torch.float16])
+def test_half_parameters_train_with_the_policy(name, segment, dtype):
+    """bf16 (CPU and GPU engines) or fp16 (GPU engines; the dtype plumbing checked on CPU)
+    parameters, fp32 images: forward and backward run without any input cast by the caller;
+    logits (head and readout) are fp32; every parameter gets a finite gradient of its dtype;
     the running statistics stay fp32 and move."""
     torch.manual_seed(0)
-    model = cast_params(create_model(name, **_kwargs(name), time_segment=segment), BF16)
-    assert compute_dtype(model) == BF16
+    model = cast_params(create_model(name, **_kwargs(name), time_segment=segment), dtype)
+    assert compute_dtype(model) == dtype
     x = torch.rand(4, 1, 16, 16)
     before = {n: b.clone() for n, b in model.named_buffers() if n.endswith("running_mean")}
     logits = model(x)
     assert logits.dtype == torch.float32
     F.cross_entropy(logits, torch.arange(4)).backward()
     for pname, p in model.named_parameters():
-        assert p.dtype == BF16 and p.grad is not None and p.grad.dtype == BF16, pname
+        assert p.dtype == dtype and p.grad is not None and p.grad.dtype == dtype, pname
         assert torch.isfinite(p.grad.float()).all(), pname
     for n, b in model.named_buffers():
         if n.endswith(("running_mean", "running_var")):
