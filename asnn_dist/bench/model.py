@@ -1,10 +1,13 @@
 """Model benchmark: Spikformer-4-384 images/s, peak memory and matmul utilisation.
 
-Training and inference, plain vs time-checkpointed, fp32 vs bf16 autocast.
+Training and inference, plain vs time-checkpointed, fp32 vs bf16, through the engine path of
+``asnn-dist train``: every training row is a one-rank DeepSpeed engine (``build_engine``; bf16
+rows DeepSpeed's bf16 engine, no autocast), inference rows cast the parameters as that engine
+does. The digits accuracy check trains the demo with ``asnn-dist train`` in fp32 and in bf16.
 
 Run: ``asnn-dist bench model [--steps 4 8] [--segments 1 2] [--iters 3] [--threads 2]``.
-Every configuration runs in a fresh process (``model_runs.py``): images/s from the fastest
-timed step (the least disturbed on a shared machine), peak memory as the process's resident
+Every configuration runs in a fresh process (``model_runs.py``), ``--rounds`` times in turn with
+the others: images/s from the fastest timed step (the least disturbed on a shared machine), peak memory as the process's resident
 high-water mark (VmHWM: weights, optimizer state, activations and the torch runtime). The dense matmul peak
 (fp32 and bf16, same thread count) is measured in the same run, and utilisation = achieved
 FLOP/s / that peak, with training FLOPs = 3 x the forward FLOPs of the conv and linear layers
@@ -33,7 +36,7 @@ import torch
 MIB_PER_GIB = 1024.0
 OFFICIAL = {4: {"img_s": 4.8, "peak_gib": 9.0}, 8: {"img_s": 2.0, "peak_gib": 15.0}}
 TARGETS = {"fp32_util": 0.85, "fp32_mem_vs_official": 0.5, "bf16_vs_official": 2.0,
-           "ckpt_mem_t8_vs_t4": 1.25, "ckpt_cost": 0.35, "bf16_acc_gap": 0.005}
+           "ckpt_mem_t8_vs_t4": 1.25, "ckpt_cost": 0.35, "bf16_acc_gap": 0.005, "bf16_vs_fp32": 1.8}
 
 
 def allocator_env(name: str) -> tuple[dict[str, str], str]:
@@ -97,45 +100,63 @@ def measure(args: argparse.Namespace, log=print) -> dict[str, Any]:
     env, allocator = allocator_env(args.allocator)
     log(f"matmul peak ({args.threads} threads) ...")
     peak = run_child(dict(kind="peak", threads=args.threads, size=args.peak_size), timeout, env)
-    rows: list[dict[str, Any]] = []
+    best: dict[tuple, dict[str, Any]] = {}  # per configuration: its fastest child so far
 
-    def add(kind: str, steps: int, precision: str, segment: int = 0, levels: int = 2,
-            states: Optional[int] = None) -> dict[str, Any]:
+    def run(kind: str, steps: int, precision: str, segment: int = 0, levels: int = 2,
+            states: Optional[int] = None) -> None:
         label = f"{kind} T={steps} {precision}" + (f" k={segment}{_short(levels, states)}" if segment else "")
         log(f"{label} ...")
-        spec = dict(base, kind=kind, steps=steps, precision=precision, segment=segment, levels=levels, states=states)
+        spec = dict(base, kind=kind, steps=steps, precision=precision, segment=segment, levels=levels, states=states,
+                    zero_stage=args.zero_stage)
         if kind == "infer":
             spec["iters"] = max(args.iters, 3)
         res = run_child(spec, timeout, env)
+        key = (kind, steps, precision, segment, levels, states)
+        if key in best:  # another round: keep the fastest step, all step times, the highest peak
+            old = best[key]
+            res = dict(res, times=old["times"] + res["times"], step_s=min(old["step_s"], res["step_s"]),
+                       peak_mib=max(old["peak_mib"], res["peak_mib"]))
+        best[key] = res
+
+    def row(key: tuple) -> dict[str, Any]:
+        kind, steps, precision, segment, levels, states = key
+        res = best[key]
         flops = train_flops_per_sample(args.model, args.image_size, steps) / (3.0 if kind == "infer" else 1.0)
         img_s = args.batch / res["step_s"]
-        row = dict(kind=kind, steps=steps, precision=precision, segment=segment, levels=levels, states=states,
-                   img_s=img_s,
+        out = dict(kind=kind, steps=steps, precision=precision, segment=segment, levels=levels, states=states,
+                   img_s=img_s, zero_stage=res.get("zero_stage"), param_dtype=res.get("param_dtype"),
                    peak_mib=res["peak_mib"], gflops=img_s * flops / 1e9, times=res["times"])
-        row["util"] = row["gflops"] / peak[f"{precision}_gflops"]
-        row["util_fp32"] = row["gflops"] / peak["fp32_gflops"]
-        rows.append(row)
-        return row
+        out["util"] = out["gflops"] / peak[f"{precision}_gflops"]
+        out["util_fp32"] = out["gflops"] / peak["fp32_gflops"]
+        return out
 
+    schedules = [(lv, None) for lv in args.levels] + [(2, n) for n in args.states]
+    for _ in range(args.rounds):  # rounds alternate the configurations: a busy spell hits all alike
+        for steps in args.steps:
+            run("train", steps, "fp32")
+            if args.bf16:
+                run("train", steps, "bf16")
+            if args.checkpoint:
+                for k in args.segments:
+                    for lv, n in schedules:
+                        if 0 < k < steps:
+                            run("train", steps, "fp32", k, lv, n)
+            run("infer", steps, "fp32")
+            if args.bf16:
+                run("infer", steps, "bf16")
+    rows = [row(key) for key in best]
     for steps in args.steps:
-        plain = add("train", steps, "fp32")
-        schedules = [(lv, None) for lv in args.levels] + [(2, n) for n in args.states]
-        ckpts = [add("train", steps, "fp32", k, lv, n) for k in args.segments for lv, n in schedules
-                 if 0 < k < steps] if args.checkpoint else []
-        for row in ckpts:
-            row["cost"] = 1.0 - row["img_s"] / plain["img_s"]
+        plain = _find(rows, kind="train", steps=steps, precision="fp32", segment=0)
+        ckpts = [r for r in rows if r["steps"] == steps and r["segment"]]
+        for r in ckpts:
+            r["cost"] = 1.0 - r["img_s"] / plain["img_s"]  # type: ignore[index]
         if ckpts:
             min(ckpts, key=lambda r: (r["peak_mib"], -r["img_s"]))["best"] = True
-        if args.bf16:
-            add("train", steps, "bf16")
-        add("infer", steps, "fp32")
-        if args.bf16:
-            add("infer", steps, "bf16")
     accuracy = None
     if args.accuracy:
         log("digits fp32 vs bf16 accuracy ...")
         accuracy = run_child(dict(kind="accuracy", threads=args.threads, epochs=args.accuracy_epochs,
-                                  seeds=args.accuracy_seeds), timeout, env)
+                                  seeds=args.accuracy_seeds), timeout * 2 * args.accuracy_seeds, env)
     return dict(peak=peak, rows=rows, accuracy=accuracy, allocator=allocator)
 
 
@@ -197,6 +218,9 @@ def target_lines(result: dict[str, Any]) -> list[str]:
     bf16 = _find(rows, kind="train", steps=4, precision="bf16", segment=0)
     if bf16:
         line("bf16 T=4 images/s vs official fp32 4.8", bf16["img_s"] / 4.8, TARGETS["bf16_vs_official"], "{:.2f}x", True)
+    if bf16 and fp32:
+        line(f"bf16 / fp32 engine T=4 images/s (ZeRO-{bf16.get('zero_stage')} bf16 engine vs ZeRO-{fp32.get('zero_stage')}"
+             " fp32 engine, same run)", bf16["img_s"] / fp32["img_s"], TARGETS["bf16_vs_fp32"], "{:.2f}x", True)
     c4, c8 = _find(rows, steps=4, best=True), _find(rows, steps=8, best=True)
     p4 = _find(rows, kind="train", steps=4, precision="fp32", segment=0)
     limit = TARGETS["ckpt_mem_t8_vs_t4"]
@@ -223,7 +247,7 @@ def target_lines(result: dict[str, Any]) -> list[str]:
     if acc:
         seeds = ", ".join(f"{a:.1%}/{b:.1%}" for a, b in zip(acc["fp32_accs"], acc["bf16_accs"]))
         diff, se = acc.get("diff", acc["bf16_acc"] - acc["fp32_acc"]), acc.get("diff_se", 0.0)
-        out.append(f"  digits demo recipe, test accuracy, mean of {len(acc['fp32_accs'])} seeds: fp32 {acc['fp32_acc']:.2%},"
+        out.append(f"  digits demo via asnn-dist train, test accuracy, mean of {len(acc['fp32_accs'])} seeds: fp32 {acc['fp32_acc']:.2%},"
                    f" bf16 {acc['bf16_acc']:.2%} (per seed fp32/bf16: {seeds}; {acc['fp32_s']:.0f} s / {acc['bf16_s']:.0f} s)")
         line("bf16 - fp32 accuracy, paired mean over seeds (same accuracy: within +-0.5 points)", abs(diff),
              TARGETS["bf16_acc_gap"], "{:.2%}", False)
@@ -245,10 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
     parser.add_argument("--iters", type=int, default=3, help="timed steps per run (the fastest counts)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every configuration this many times, alternating them (the fastest step counts)")
     parser.add_argument("--no-checkpoint", dest="checkpoint", action="store_false", help="skip checkpointed runs")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip bf16 autocast runs")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 engine runs")
+    parser.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3],
+                        help="engine.zero_stage of the training rows (default 2, as the demo; one fp32 rank "
+                             "runs it as ZeRO-0, as asnn-dist train does)")
     parser.add_argument("--no-accuracy", dest="accuracy", action="store_false",
-                        help="skip the digits runs (LeNet ASNN trained in fp32 and in bf16)")
+                        help="skip the digits runs (the demo trained by asnn-dist train in fp32 and in bf16)")
     parser.add_argument("--accuracy-epochs", type=int, default=10, help="epochs of each digits run (the demo's 10)")
     parser.add_argument("--accuracy-seeds", type=int, default=5, help="digits runs (seeds) per precision")
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the square matmuls of the peak")
@@ -264,14 +293,15 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(args.child)
     if min(args.states, default=0) < 0:
         parser.error("--states must be >= 0")
-    if min(args.steps + args.segments) < 1 or args.iters < 1 or args.batch < 1:
-        parser.error("--steps, --segments, --iters and --batch must be >= 1")
+    if min(args.steps + args.segments) < 1 or args.iters < 1 or args.batch < 1 or args.rounds < 1:
+        parser.error("--steps, --segments, --iters, --rounds and --batch must be >= 1")
     result = measure(args, log=lambda s: print(s, file=sys.stderr, flush=True))
     peak = result["peak"]
     print(f"{args.model} {args.image_size}x{args.image_size}, batch {args.batch}, {args.threads} threads, "
           f"torch {torch.__version__}; matmul peak fp32 {peak['fp32_gflops']:.0f} GFLOP/s, "
           f"bf16 {peak['bf16_gflops']:.0f} GFLOP/s (util: of the peak of the row's precision); "
-          f"{result['allocator']}")
+          f"{result['allocator']}; train rows: one-rank DeepSpeed engines (engine.zero_stage {args.zero_stage}; "
+          "bf16 = DeepSpeed's bf16 engine, fp32 images in)")
     print(format_table(result))
     print("targets (issue 4; official Spikformer-4-384: T=4 4.8 img/s 9 GiB, T=8 2.0 img/s 15 GiB):")
     print("\n".join(target_lines(result)))

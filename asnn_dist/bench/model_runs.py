@@ -5,30 +5,39 @@ which only a new process reports for one configuration alone; and one configurat
 allocator state or thread pools cannot slow down the next.
 
 Kinds (``spec["kind"]``):
-- ``train``: synthetic batch, AdamW, ``warmup`` steps then ``iters`` timed steps (forward,
-  cross-entropy, backward, optimizer step); images/s from the fastest step (on a shared
-  machine the least disturbed one; every step time is returned too).
-- ``infer``: eval mode under ``torch.inference_mode``, same timing rule.
+- ``train``: the engine path of ``asnn-dist train`` on one rank: a DeepSpeed engine built by
+  ``train.deepspeed_config.build_engine`` from the demo config with ``engine.precision`` fp32
+  or bf16 (bf16: DeepSpeed's bf16 engine, bf16 parameters and fp32 master weights; no
+  autocast) and ``engine.zero_stage`` (default 2, which one fp32 rank runs as ZeRO-0, as
+  training does); synthetic batch, AdamW, ``warmup`` steps then ``iters`` timed steps
+  (forward, cross-entropy, engine backward and step); images/s from the fastest step (on a
+  shared machine the least disturbed one; every step time is returned too).
+- ``infer``: eval mode under ``torch.inference_mode``, parameters in the row's precision as the
+  engine casts them (``snn.precision.cast_params``), same timing rule.
 - ``peak``: dense square matmul FLOP/s (fp32 and bf16), the best of several repeats.
-- ``accuracy``: short real-data runs (scikit-learn digits with the digits demo's recipe:
-  LeNet ASNN, hybrid coding, its optimizer and schedule) trained in fp32 and in bf16
-  autocast from the same initialisations; test accuracy of each and their paired difference.
+- ``accuracy``: the digits demo trained by ``asnn-dist train`` itself (its built-in config: LeNet
+  ASNN, hybrid coding, 2 Ray Train workers, ZeRO-2), with ``engine.precision`` fp32 and bf16
+  for each seed; test accuracy (MLflow's ``val_top1``) of each and their paired difference.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from asnn_dist.registry import create_model
+from asnn_dist.snn.precision import PRECISION_DTYPES, cast_params
 
 
 def peak_rss_mib() -> float:
@@ -41,12 +50,6 @@ def peak_rss_mib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _autocast(precision: str):
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def _model(spec: dict[str, Any]) -> torch.nn.Module:
@@ -76,19 +79,38 @@ def _time(step, warmup: int, iters: int) -> list[float]:
     return times
 
 
+def _engine(spec: dict[str, Any], model: torch.nn.Module) -> Any:
+    """A one-rank DeepSpeed engine for ``model`` as ``asnn-dist train`` builds it (CPU, gloo)."""
+    from asnn_dist.bench.common import local_group, quiet_libraries
+    from asnn_dist.config import load_config
+    from asnn_dist.train.deepspeed_config import build_engine
+
+    quiet_libraries()  # a CPU run: DeepSpeed's CPU accelerator
+    cfg = load_config(None, [f"engine.precision={spec['precision']}", f"engine.zero_stage={spec.get('zero_stage', 2)}",
+                             "optim.name=adamw", "optim.lr=1e-4", f"optim.micro_batch_size={spec['batch']}",
+                             "run.num_workers=1"])
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # a fresh child process (tests run several in one)
+        local_group()
+    engine, _ = build_engine(cfg, model, 1)
+    return engine
+
+
 def run_train(spec: dict[str, Any]) -> dict[str, Any]:
-    model = _model(spec).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, y = _batch(spec)
+    engine = _engine(spec, _model(spec).train())
+    x, y = _batch(spec)  # fp32 images: the engine's model casts after its encoder
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with _autocast(spec["precision"]):
-            logits = model(x)
-        F.cross_entropy(logits.float(), y).backward()
-        opt.step()
+        loss = F.cross_entropy(engine(x).float(), y)
+        engine.backward(loss)
+        engine.step()
 
-    return _result(_time(step, spec["warmup"], spec["iters"]))
+    out = _result(_time(step, spec["warmup"], spec["iters"]))
+    out["zero_stage"] = engine.zero_optimization_stage()
+    out["param_dtype"] = str(next(engine.module.parameters()).dtype)
+    engine.destroy()
+    return out
 
 
 def _result(times: list[float]) -> dict[str, Any]:
@@ -96,11 +118,11 @@ def _result(times: list[float]) -> dict[str, Any]:
 
 
 def run_infer(spec: dict[str, Any]) -> dict[str, Any]:
-    model = _model(spec).eval()
+    model = cast_params(_model(spec).eval(), PRECISION_DTYPES[spec["precision"]])
     x, _ = _batch(spec)
 
     def step() -> None:
-        with torch.inference_mode(), _autocast(spec["precision"]):
+        with torch.inference_mode():
             model(x)
 
     return _result(_time(step, spec["warmup"], spec["iters"]))
@@ -115,65 +137,53 @@ def run_peak(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _digits(size: int = 16) -> tuple[torch.Tensor, ...]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+def demo_config_file(folder: str) -> str:
+    """The digits demo config the CLI documents (configs/demo/digits-lenet-hybrid.yaml in a
+    source checkout; otherwise the same built-in defaults written to ``folder``)."""
+    repo = Path(__file__).resolve().parents[2] / "configs" / "demo" / "digits-lenet-hybrid.yaml"
+    if repo.is_file():
+        return str(repo)
+    from asnn_dist.config import dump_config, load_config
 
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
-    y = torch.tensor(d.target, dtype=torch.long)
-    tr, te = train_test_split(range(len(y)), test_size=0.2, stratify=d.target, random_state=0)
-    return x[tr], y[tr], x[te], y[te]
+    path = Path(folder, "digits-demo.yaml")
+    path.write_text(dump_config(load_config(None)))
+    return str(path)
 
 
-def _digits_accuracy(precision: str, seed: int, epochs: int, data: tuple[torch.Tensor, ...]) -> float:
-    """Test accuracy of the digits demo's recipe (``asnn-dist demo``'s built-in config: LeNet
-    ASNN, hybrid coding, AdamW with its warmup + cosine schedule, global batch = micro batch x
-    workers) trained in one process, in fp32 or under bf16 autocast, from seed ``seed``."""
-    from asnn_dist.config import load_config
-    from asnn_dist.models.build import model_from_config
-    from asnn_dist.train.deepspeed_config import build_optimizer
-    from asnn_dist.train.schedule import lr_at
+def _train_cli(config: str, workdir: str, precision: str, seed: int, epochs: int) -> float:
+    """One ``asnn-dist train`` run of the demo config; its test top-1 as MLflow recorded it."""
+    from mlflow.tracking import MlflowClient
 
-    cfg = load_config(None, [f"seed={seed}", f"optim.epochs={epochs}"])
-    o = cfg.optim
-    xtr, ytr, xte, yte = data
-    torch.manual_seed(seed)
-    model = model_from_config(cfg)
-    opt = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    batch = o.micro_batch_size * cfg.run.num_workers
-    g = torch.Generator().manual_seed(seed)
-    per_epoch = -(-len(ytr) // batch)
-    step = 0
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(ytr), generator=g).split(batch):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, epochs * per_epoch, o.lr, o.warmup_steps, o.min_lr, o.schedule)
-            opt.zero_grad(set_to_none=True)
-            with _autocast(precision):
-                logits = model(xtr[idx])
-            F.cross_entropy(logits.float(), ytr[idx], label_smoothing=o.label_smoothing).backward()
-            opt.step()
-            step += 1
-    model.eval()
-    with torch.inference_mode(), _autocast(precision):
-        return (model(xte).argmax(1) == yte).float().mean().item()
+    name = f"acc-{precision}-s{seed}-{int(time.time())}"
+    cmd = [sys.executable, "-m", "asnn_dist.cli", "train", config, "--set", f"workdir={workdir}", f"seed={seed}",
+           f"engine.precision={precision}", f"optim.epochs={epochs}", f"run.name={name}", "run.progress=false",
+           "tracking.registered_model=null"]
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}  # the CLI's own setup
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise RuntimeError(f"asnn-dist train ({precision}, seed {seed}) failed: {tail}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(workdir).resolve()}/mlflow.db")
+    runs = client.search_runs(client.get_experiment_by_name("asnn-demo").experiment_id,
+                              filter_string=f"tags.`asnn.run_name` = '{name}'", max_results=1)
+    return float(runs[0].data.metrics["val_top1"])
 
 
 def run_accuracy(spec: dict[str, Any]) -> dict[str, Any]:
-    """Test accuracy per seed of fp32 and bf16 training from the same initialisation (one
-    seed's run is noisy on 360 test images, so several are averaged and the per-seed
-    differences give the paired comparison)."""
-    data = _digits()
-    out: dict[str, Any] = {}
+    """Test accuracy per seed of the digits demo trained by ``asnn-dist train`` in fp32 and in
+    bf16 (one seed's run is noisy on 360 test images, so several are averaged and the per-seed
+    differences give the paired comparison). Seeds alternate precisions, so a busy spell on a
+    shared machine hits both alike."""
+    out: dict[str, Any] = {"fp32_accs": [], "bf16_accs": [], "fp32_s": 0.0, "bf16_s": 0.0}
+    with tempfile.TemporaryDirectory(prefix="asnn-bench-acc-") as workdir:
+        config = demo_config_file(workdir)
+        for seed in range(spec["seeds"]):
+            for precision in ("fp32", "bf16"):
+                t0 = time.perf_counter()
+                out[f"{precision}_accs"].append(_train_cli(config, workdir, precision, seed, spec["epochs"]))
+                out[f"{precision}_s"] += time.perf_counter() - t0
     for precision in ("fp32", "bf16"):
-        t0 = time.perf_counter()
-        accs = [_digits_accuracy(precision, seed, spec["epochs"], data) for seed in range(spec["seeds"])]
-        out[f"{precision}_accs"] = accs
-        out[f"{precision}_acc"] = statistics.mean(accs)
-        out[f"{precision}_s"] = time.perf_counter() - t0
+        out[f"{precision}_acc"] = statistics.mean(out[f"{precision}_accs"])
     diffs = [b - a for a, b in zip(out["fp32_accs"], out["bf16_accs"])]
     out["diff"] = statistics.mean(diffs)
     out["diff_se"] = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0

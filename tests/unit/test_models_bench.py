@@ -40,5 +40,29 @@ def test_measure_builds_every_row_and_target(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "(best)" in out and "2 S1" in out and "bf16" in out and "infer" in out
     for needle in ("utilisation", "vs official fp32 4.8", "both k=2:", "both k=2 S1:", "[T=8 cost",
-                   "throughput cost at T=8", "digits"):
+                   "throughput cost at T=8", "digits", "bf16 / fp32 engine T=4 images/s"):
         assert needle in out, needle
+
+
+def test_train_rows_run_deepspeed_engines_in_their_precision(monkeypatch, tmp_path):
+    """The bf16 rows are DeepSpeed's bf16 engine (bf16 parameters, no autocast), the fp32 rows
+    the engine one fp32 rank runs (ZeRO-0); --rounds measures each configuration again."""
+    calls = []
+
+    def in_process(spec, timeout, env=None):
+        calls.append((spec["kind"], spec.get("precision")))
+        if spec["kind"] == "peak":
+            return {"fp32_gflops": 100.0, "bf16_gflops": 300.0}
+        return json.loads(json.dumps(model_runs.RUNS[spec["kind"]](spec)))
+
+    monkeypatch.setattr(bench, "run_child", in_process)
+    torch.set_num_threads(1)
+    out = tmp_path / "rows.json"
+    argv = ["--model", "spikformer_tiny", "--image-size", "16", "--batch", "2", "--steps", "4", "--no-checkpoint",
+            "--no-accuracy", "--iters", "1", "--warmup", "0", "--threads", "1", "--rounds", "2", "--json", str(out)]
+    assert bench.main(argv) == 0
+    rows = {(r["kind"], r["precision"]): r for r in json.loads(out.read_text())["rows"]}
+    assert rows[("train", "bf16")]["param_dtype"] == "torch.bfloat16" and rows[("train", "bf16")]["zero_stage"] == 2
+    assert rows[("train", "fp32")]["param_dtype"] == "torch.float32" and rows[("train", "fp32")]["zero_stage"] == 0
+    assert all(len(r["times"]) == (2 if r["kind"] == "train" else 6) for r in rows.values())  # two rounds
+    assert calls.count(("train", "bf16")) == 2 and calls[1:3] == [("train", "fp32"), ("train", "bf16")]
