@@ -14,9 +14,11 @@ accumulates, compares against thresholds or reduces over many values stays fp32:
 - Convs, linears and spike attention run in the compute dtype (bf16 products, fp32 sums
   inside oneDNN / cuBLAS); spike tensors saved for backward are stored losslessly as bits
   or uint8 whatever the dtype.
-- BatchNorm (``models.step_norm``): batch statistics are reduced in fp32 (float64 for fp32
-  inputs), running statistics are fp32 buffers, the normalisation y = x * scale + shift uses
-  fp32 scale/shift and rounds y once to the compute dtype; gradient sums are fp32.
+- BatchNorm (``models.step_norm``): batch statistics are reduced in fp32 or better (the C
+  kernels sum in float64, the torch ops in fp32 for bf16/fp16 inputs), running statistics are
+  fp32 buffers, the normalisation y = x * scale + shift uses fp32 scale/shift and rounds y
+  once to the compute dtype; gradient sums likewise. On CPU the C kernels read bf16 tensors
+  directly (``snn/native/bf16.h``): no conversion passes.
 - Spiking neurons integrate the membrane in fp32 (the input current is upcast; checkpointed
   time windows carry fp32 membranes, so checkpointed and plain runs agree) and return spikes in
   the compute dtype (exact). Leak and gain are read as Python floats.
