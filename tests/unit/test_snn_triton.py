@@ -57,7 +57,8 @@ def test_cpu_tensors_take_the_c_kernel_or_torch_ops():
         want = "c" if native.load() is not None else "torch"
         assert backends.lif_backend(x, SigmoidSurrogate()) == want
         assert backends.lif_backend(x, object()) == "torch"
-        assert backends.lif_backend(x.bfloat16(), AtanSurrogate()) == "torch"
+        assert backends.lif_backend(x.bfloat16(), AtanSurrogate()) == want  # bf16 has its own C kernel
+        assert backends.lif_backend(x.half(), AtanSurrogate()) == "torch"  # fp16 has none on CPU
     with native.forced(False):
         assert backends.lif_backend(x, SigmoidSurrogate()) == "torch"
         assert backends.bits_backend(x) == "torch"
