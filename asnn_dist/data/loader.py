@@ -6,7 +6,10 @@ yields the same number of full batches, with a ``valid`` mask on padding rows (r
 collectives never wait on a rank that ran out early and evaluation counts each sample once.
 Resampled mode draws shards with replacement for a fixed number of batches per rank (no shard
 count requirement). Corrupt samples are skipped and counted (``skipped_samples``), and the
-position in the epoch can be saved and restored (``state_dict``) to resume mid-epoch.
+position in the epoch can be saved and restored (``state_dict``) to resume mid-epoch: the
+resumed loader skips the consumed samples without decoding them and yields the very batches
+an uninterrupted pass would have (augmentation is seeded per sample by its stream position, and
+the main process puts worker batches in a fixed order, ordering.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from asnn_dist.data.errors import DataError
 from asnn_dist.data.loaderstate import LoaderPosition
 from asnn_dist.data.manifest import Manifest, load_manifest
+from asnn_dist.data.ordering import ordered
 from asnn_dist.data.pipeline import RankStream, StreamSpec, WorkerFailure
 from asnn_dist.data.rebatch import rebatch
 from asnn_dist.data.recipes import RECIPES, TransformSpec
@@ -213,7 +217,7 @@ class ShardLoader:
             return len(self) * self.batch_size
         return sum(self._sizes[i] for i in self.rank_shard_indices(epoch))
 
-    def _spec(self) -> StreamSpec:
+    def _spec(self, skip: list[int]) -> StreamSpec:
         if self.mode == "resampled":
             urls, sizes = self.urls, self._sizes
         else:
@@ -224,20 +228,32 @@ class ShardLoader:
             ext=self.manifest.image.ext, num_classes=self.manifest.num_classes,
             transform=self.transform, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
             epoch=self.epoch, rank=self.rank, train=self.train,
-            resampled=self.mode == "resampled", skip=tuple(self.position.samples),
-            round=self.position.batches, s3_settings=self._s3_settings,
+            resampled=self.mode == "resampled", skip=tuple(skip), s3_settings=self._s3_settings,
         )
 
     def _note_skipped(self, item: Skipped) -> None:
-        self.skipped_samples += item.count
         self._pass_skipped += item.count
+        if item.replayed:
+            return  # reported before the position this pass resumed from: counted then
+        self.skipped_samples += item.count
         if len(self.skipped_reasons) < self.log_skipped:
             self.skipped_reasons.append(item.reason)
             log.warning("skipped %d corrupt sample(s): %s", item.count, item.reason)
 
-    def _worker_batches(self) -> Iterator[tuple[Any, ...]]:
-        """Batches from the workers (or in-process); counts skips, raises worker failures."""
-        stream = RankStream(self._spec())
+    def _worker_batches(self, skip: list[int], done: list[int], note: bool = True) -> Iterator[tuple[Any, ...]]:
+        """Batches from the workers (or in-process) in the fixed order of ``ordered``, starting at
+        per-worker sample positions ``skip`` and batch counts ``done`` (updated in place); counts
+        skips when ``note``, raises worker failures."""
+        for item in ordered(self._worker_items(skip), self.batch_size, done):
+            if isinstance(item, Skipped):
+                if note:
+                    self._note_skipped(item)
+                continue
+            yield item
+
+    def _worker_items(self, skip: list[int]) -> Iterator[object]:
+        """Everything the workers send, as it arrives; raises worker failures."""
+        stream = RankStream(self._spec(skip))
         if self.num_workers == 0 or get_worker_info() is not None:
             source: Iterator[object] = iter(stream)
         else:
@@ -246,13 +262,15 @@ class ShardLoader:
                 collate_fn=_passthrough, pin_memory=self.pin_memory,
                 worker_init_fn=functools.partial(_seed_worker, (self.seed, self.epoch, self.rank)),
             ))
-        for item in source:
-            if isinstance(item, WorkerFailure):
-                raise item.error()
-            if isinstance(item, Skipped):
-                self._note_skipped(item)
-                continue
-            yield item  # type: ignore[misc]
+        try:
+            for item in source:
+                if isinstance(item, WorkerFailure):
+                    raise item.error()
+                yield item
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()  # in-process generators; DataLoader iterators stop their workers when dropped
 
     def _filler(self) -> tuple[Any, ...]:
         size, channels, b = self.image_size, self.manifest.image.channels, self.batch_size
@@ -277,21 +295,41 @@ class ShardLoader:
 
     def _exact(self, remaining: int) -> Iterator[KeyedBatch]:
         where = f"rank {self.rank} of split {self.manifest.split!r} at {self.manifest.base_url}"
-        expected = self.num_rank_samples() - sum(self.position.samples)
-        for images, labels, valid, keys, origin, positions in rebatch(
-            self._worker_batches(), self.batch_size, remaining, expected, where,
-            skipped=lambda: self._pass_skipped, filler=self._filler, truncate=self.position.restarted,
-        ):
-            self.position.consumed(origin[valid], positions[valid])
+        pos = self.position
+        expected = self.num_rank_samples() - sum(pos.samples)
+        batches = rebatch(
+            self._worker_batches(list(pos.samples), pos.worker_batches), self.batch_size, remaining, expected, where,
+            skipped=lambda: self._pass_skipped, filler=self._last_real_batch, truncate=pos.restarted,
+        )
+        before = pos.snapshot()
+        for images, labels, valid, keys, origin, positions in batches:
+            pos.consumed(origin[valid], positions[valid], before if bool(valid.any()) else None)
             yield images, labels, valid, keys
+            before = pos.snapshot()
+
+    def _last_real_batch(self) -> tuple[Any, ...]:
+        """What padding batches repeat when a pass resumed after the last batch with real rows:
+        that batch, rebuilt from the anchor (zeros where there is none, as for a rank without
+        samples)."""
+        anchor = self.position.anchor
+        if anchor is None or self.position.restarted:
+            return self._filler()
+        source = self._worker_batches(list(anchor["samples"]), list(anchor["worker_batches"]), note=False)
+        batches = rebatch(source, self.batch_size, 1, 0, "replay", filler=self._filler, truncate=True)
+        try:
+            images, labels, _, keys, origin, positions = next(batches)
+        finally:
+            batches.close()
+        return images, labels, keys, origin, positions
 
     def _resampled(self, remaining: int) -> Iterator[KeyedBatch]:
         valid = torch.ones(self.batch_size, dtype=torch.bool)
-        source = self._worker_batches()
+        pos = self.position
+        source = self._worker_batches(list(pos.samples), pos.worker_batches)
         try:
             for _ in range(remaining):
-                images, labels, keys, _, _ = next(source)
-                self.position.consumed(None, None)
+                images, labels, keys, origin, positions = next(source)
+                pos.consumed(origin, positions)
                 yield images, labels, valid.clone(), keys
         finally:
             source.close()  # stops the endless workers

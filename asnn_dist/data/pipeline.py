@@ -3,9 +3,11 @@
 Why in its own module: this is the part that runs inside DataLoader worker processes. Exact
 mode reads this rank's shards for the epoch split among workers (each sample once); resampled
 mode draws shards with replacement forever (the main process takes a fixed number of batches).
-Everything random is seeded by (seed, epoch, rank, worker), so a run is reproducible for a fixed
-worker count; failures travel to the main process as data (``WorkerFailure``) so the user sees
-the original one-line error instead of a worker traceback.
+Everything random is seeded by (seed, epoch, rank, worker), and augmentation per sample by
+(seed, epoch, rank, worker, position), so a run is reproducible for a fixed worker count and a
+resumed epoch skips consumed samples without decoding them. Failures travel to the main
+process as data (``WorkerFailure``) so the user sees the original one-line error instead of a
+worker traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from asnn_dist.data.errors import DataError, UnreachableError
 from asnn_dist.data.recipes import TransformSpec
-from asnn_dist.data.samples import Skipped, WorkerBatch, batched, decoded, numbered, read_shards, shuffled
+from asnn_dist.data.samples import (Skipped, WorkerBatch, WorkerEnd, batched, decoded, numbered, read_shards,
+                                    shuffled)
 from asnn_dist.data.sharding import derive_seed
 
 
@@ -55,8 +58,7 @@ class StreamSpec:
     rank: int
     train: bool = True  # shuffle samples (eval streams keep the written order)
     resampled: bool = False
-    skip: tuple[int, ...] = ()  # exact resume: samples already consumed per worker
-    round: int = 0  # resampled resume: batches already consumed (reseeds the draw)
+    skip: tuple[int, ...] = ()  # resume: samples already consumed per worker (not decoded again)
     s3_settings: Any = None  # applied in workers so spawned ones reach the same endpoint
 
 
@@ -66,22 +68,22 @@ def _resampled_shards(spec: StreamSpec, rng: random.Random) -> Iterator[tuple[st
         yield spec.urls[index], spec.sizes[index]
 
 
-class RankStream(IterableDataset["WorkerBatch | Skipped | WorkerFailure"]):
+class RankStream(IterableDataset["WorkerBatch | Skipped | WorkerEnd | WorkerFailure"]):
     """One rank's stream for one epoch, split among DataLoader workers; yields worker batches.
 
-    In exact mode workers yield full batches plus at most one partial batch at their end; the
-    main process merges partials (see rebatch.py). ``Skipped`` reports come along the batches.
+    In exact mode workers yield full batches plus at most one partial batch at their end, then
+    a ``WorkerEnd``; the main process puts them in a fixed order (ordering.py) and merges
+    partials (rebatch.py). ``Skipped`` reports come along the batches.
     """
 
     def __init__(self, spec: StreamSpec) -> None:
         super().__init__()
         self.spec = spec
 
-    def _stages(self, worker: int, num_workers: int) -> Iterator[WorkerBatch | Skipped]:
+    def _stages(self, worker: int, num_workers: int) -> Iterator[WorkerBatch | Skipped | WorkerEnd]:
         spec = self.spec
         ids = (spec.seed, spec.epoch, spec.rank, worker)
         if spec.resampled:
-            ids = (*ids, "round", spec.round)
             shards: Any = _resampled_shards(spec, random.Random(derive_seed("resample", *ids)))
         else:
             shards = list(zip(spec.urls, spec.sizes))[worker::num_workers]
@@ -90,10 +92,11 @@ class RankStream(IterableDataset["WorkerBatch | Skipped | WorkerFailure"]):
             stream = shuffled(stream, spec.shuffle_buffer, random.Random(derive_seed("samples", *ids)))
         skip = spec.skip[worker] if worker < len(spec.skip) else 0
         transform = spec.transform.build(derive_seed("augment", *ids))
-        stream = decoded(numbered(stream, skip), transform, spec.ext, spec.num_classes)
-        return batched(stream, spec.batch_size, worker)
+        seed_for = (lambda position: derive_seed("augment", *ids, position)) if spec.transform.augment else None
+        stream = decoded(numbered(stream, skip), transform, spec.ext, spec.num_classes, seed_for)
+        return batched(stream, spec.batch_size, worker, end=not spec.resampled)
 
-    def __iter__(self) -> Iterator[WorkerBatch | Skipped | WorkerFailure]:
+    def __iter__(self) -> Iterator[WorkerBatch | Skipped | WorkerEnd | WorkerFailure]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if self.spec.s3_settings is not None and info is not None:

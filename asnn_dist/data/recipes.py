@@ -1,8 +1,9 @@
 """Per-sample transform recipes: digits (resize + shift), CIFAR (pad-4 crop + flip), ImageNet.
 
 Why recipes by name: the loader runs transforms inside DataLoader workers, so a recipe is a
-small picklable spec (``TransformSpec``) built into a seeded callable per worker. The ImageNet
-recipe is Spikformer's (timm's): train = random resized crop (scale 0.08-1, ratio 3/4-4/3,
+small picklable spec (``TransformSpec``) built into a seeded callable per worker, reseeded per
+sample (``reseed``) by the sample's stream position so a resumed epoch need not replay draws.
+The ImageNet recipe is Spikformer's (timm's): train = random resized crop (scale 0.08-1, ratio 3/4-4/3,
 bicubic) + horizontal flip + RandAugment rand-m9-n2-mstd0.5; eval = resize to size/0.875 (256
 for 224) + centre crop. Mixup/cutmix act on whole batches (``mixing.py``). Images stay in
 [0, 1] (no mean/std normalisation): spike encoders read intensities. JPEGs are decoded at a
@@ -113,6 +114,10 @@ class _PilRecipe:
         self.size = spec.image_size or 224
         self.mode = _MODE[spec.channels]
 
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation draws from ``seed`` (the loader seeds each sample by position)."""
+        self.rng.seed(seed)
+
     def _crop_resize(self, data: bytes, where: str, box_of: Callable[[int, int], tuple[float, ...]],
                      need: float) -> Image.Image:
         """Decode ``data``, crop ``box_of(width, height)`` (l, t, w, h) and resize to size x size.
@@ -174,6 +179,10 @@ class CifarTransform:
     def __init__(self, spec: TransformSpec, rng: random.Random) -> None:
         self.spec = spec
         self.rng = rng
+
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation draws from ``seed`` (the loader seeds each sample by position)."""
+        self.rng.seed(seed)
 
     def __call__(self, data: bytes, where: str = "image") -> torch.Tensor:
         image = decode_image(data, self.spec.channels, where).to(torch.float32).div_(255.0)

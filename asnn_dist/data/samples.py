@@ -6,11 +6,14 @@ manifest promised but never came; a sample that fails to decode is reported with
 reports (``Skipped``) travel down the stream as data, past shuffling and batching, to the main
 process, which adds them to the epoch's ``skipped_samples``. A missing or unreadable shard is
 still one DataError naming its URL. Every sample gets its position in this worker's (shuffled)
-stream, so a resumed epoch can skip exactly the samples already consumed, without decoding them.
+stream, so a resumed epoch can skip exactly the samples already consumed, without decoding them;
+augmentation is seeded per sample by that position (``decoded``'s ``seed_for``), so a sample's
+augmentation does not depend on how many samples before it were decoded or skipped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -32,10 +35,23 @@ WorkerBatch = tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor, torch.T
 
 @dataclass(frozen=True)
 class Skipped:
-    """``count`` samples left out of the epoch, and why (one line naming the shard or sample)."""
+    """``count`` samples left out of the epoch, and why (one line naming the shard or sample).
+
+    ``worker`` (set by ``batched``) lets the main process count a report in stream order;
+    ``replayed``: it came before a resumed stream's first position (counted before the stop).
+    """
 
     count: int
     reason: str
+    worker: int = -1
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerEnd:
+    """A worker's stream ended (the main process then stops waiting for its next batch)."""
+
+    worker: int
 
 
 def _members(stream: Any, url: str, counter: list[int]) -> Iterator[dict[str, Any]]:
@@ -102,11 +118,12 @@ def shuffled(src: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]
 
 
 def numbered(src: Iterable[Any], skip: int = 0) -> Iterator[tuple[int, dict[str, Any]] | Skipped]:
-    """(position, sample) for samples at positions >= ``skip``; ``Skipped`` reports pass through."""
+    """(position, sample) for samples at positions >= ``skip``; ``Skipped`` reports pass through,
+    marked ``replayed`` when they came before position ``skip`` (a resumed epoch counted them)."""
     position = 0
     for item in src:
         if isinstance(item, Skipped):
-            yield item
+            yield item if position >= skip else dataclasses.replace(item, replayed=True)
             continue
         if position >= skip:
             yield position, item
@@ -120,9 +137,14 @@ def _image_bytes(sample: dict[str, Any], ext: str) -> bytes | None:
 
 
 def decoded(
-    src: Iterable[Any], transform: Callable[[bytes, str], torch.Tensor], ext: str, num_classes: int
+    src: Iterable[Any], transform: Callable[[bytes, str], torch.Tensor], ext: str, num_classes: int,
+    seed_for: Callable[[int], int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, int, str, int] | Skipped]:
-    """(image, label, key, position) per sample; undecodable or incomplete samples become ``Skipped``."""
+    """(image, label, key, position) per sample; undecodable or incomplete samples become ``Skipped``.
+
+    With ``seed_for``, ``transform.reseed(seed_for(position))`` runs before every sample, so its
+    augmentation is a function of its position alone (a resumed stream draws the same crops).
+    """
     for item in src:
         if isinstance(item, Skipped):
             yield item
@@ -142,6 +164,8 @@ def decoded(
         if not 0 <= label < num_classes:
             yield Skipped(1, f"{where}: label {label} outside 0..{num_classes - 1}")
             continue
+        if seed_for is not None:
+            transform.reseed(seed_for(position))  # type: ignore[attr-defined]
         try:
             image = transform(data, where)
         except DataError as exn:
@@ -150,12 +174,15 @@ def decoded(
         yield image, label, str(sample["__key__"]), position
 
 
-def batched(src: Iterable[Any], batch_size: int, worker: int) -> Iterator[WorkerBatch | Skipped]:
-    """Full batches, then one partial batch at the end; ``Skipped`` reports pass through at once."""
+def batched(
+    src: Iterable[Any], batch_size: int, worker: int, end: bool = False
+) -> Iterator[WorkerBatch | Skipped | WorkerEnd]:
+    """Full batches, then one partial batch at the end (and a ``WorkerEnd`` when ``end``);
+    ``Skipped`` reports pass through at once, tagged with ``worker``."""
     rows: list[tuple[torch.Tensor, int, str, int]] = []
     for item in src:
         if isinstance(item, Skipped):
-            yield item
+            yield dataclasses.replace(item, worker=worker)
             continue
         rows.append(item)
         if len(rows) == batch_size:
@@ -163,6 +190,8 @@ def batched(src: Iterable[Any], batch_size: int, worker: int) -> Iterator[Worker
             rows = []
     if rows:
         yield collate(rows, worker)
+    if end:
+        yield WorkerEnd(worker)
 
 
 def collate(rows: list[tuple[torch.Tensor, int, str, int]], worker: int) -> WorkerBatch:

@@ -82,6 +82,10 @@ class ImageTransform:
         self.max_shift = max_shift
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
 
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation draws from ``seed`` (the loader seeds each sample by position)."""
+        self.generator.manual_seed(seed)
+
     def shift_for(self, size: int) -> int:
         """Translation range: the configured one, or 1/8 of the side (1 px for 8x8 digits)."""
         return self.max_shift if self.max_shift is not None else max(1, round(size / 8))
