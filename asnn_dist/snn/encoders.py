@@ -179,7 +179,12 @@ class BitplaneEncoder(Encoder):
 
 @ENCODERS.register("rate")
 class RateEncoder(Encoder):
-    """Poisson/rate code s[t] ~ Bernoulli(x); fresh draws from a seeded generator each call."""
+    """Poisson/rate code s[t] ~ Bernoulli(x); fresh draws from a seeded generator each call.
+
+    Training calls ``reseed`` before every micro batch with a seed derived from (seed, rank,
+    position) (``train/randomness.py``): ranks draw different noise, and a resumed run draws
+    what the uninterrupted one drew, with no generator state to checkpoint.
+    """
 
     def __init__(
         self, num_steps: int, seed: int = 0, generator: torch.Generator | None = None
@@ -196,6 +201,13 @@ class RateEncoder(Encoder):
         if key not in self._generators:
             self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[key]
+
+    def reseed(self, seed: int) -> None:
+        """Restart the draws from ``seed`` on every device (an explicit ``generator`` is reseeded too)."""
+        self.seed = int(seed)
+        self._generators.clear()
+        if self.generator is not None:
+            self.generator.manual_seed(self.seed)
 
     def forward(self, x: Tensor) -> Tensor:
         u = torch.rand(

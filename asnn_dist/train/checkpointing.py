@@ -1,5 +1,7 @@
 """Training checkpoints: the DeepSpeed state of every rank plus our loop state, in one folder
-that Ray Train merges across ranks and persists to the run's storage (local or s3://)."""
+that Ray Train merges across ranks and persists to the run's storage (local or s3://). Every
+rank also saves its train loader's position (``ShardLoader.state_dict``), so a resumed run
+continues the epoch without reading back through the batches it had consumed."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
 RNG_FILE = "rng_rank{rank}.pt"
+LOADER_FILE = "loader_rank{rank}.json"
 MODEL_FILE = "model.pt"
 MODEL_META_FILE = "model_meta.json"
 
@@ -41,10 +44,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda_state, device)
 
 
-def save_training_checkpoint(engine, folder: str, rank: int, loop_state: dict[str, Any]) -> None:
-    """Every rank calls this (DeepSpeed's save is collective); rank 0 writes the loop state."""
+def save_training_checkpoint(engine, folder: str, rank: int, loop_state: dict[str, Any],
+                             loader_state: Optional[dict[str, Any]] = None) -> None:
+    """Every rank calls this (DeepSpeed's save is collective); rank 0 writes the loop state,
+    every rank its RNG states and its loader position (``loader_state``, when given)."""
     engine.save_checkpoint(folder, tag=DS_TAG)
     torch.save(rng_state(), os.path.join(folder, RNG_FILE.format(rank=rank)))
+    if loader_state is not None:
+        Path(folder, LOADER_FILE.format(rank=rank)).write_text(json.dumps(loader_state))
     if rank == 0:
         Path(folder, STATE_FILE).write_text(json.dumps(loop_state, indent=1))
 
@@ -58,6 +65,12 @@ def load_training_checkpoint(engine, folder: str, rank: int) -> dict[str, Any]:
     if rng_path.exists():
         set_rng_state(torch.load(rng_path, weights_only=False))
     return json.loads(Path(folder, STATE_FILE).read_text())
+
+
+def load_loader_state(folder: str, rank: int) -> Optional[dict[str, Any]]:
+    """This rank's saved loader position; None for checkpoints written before it was saved."""
+    path = Path(folder, LOADER_FILE.format(rank=rank))
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def fp32_master_weights(engine) -> Optional[dict[str, torch.Tensor]]:

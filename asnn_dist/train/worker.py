@@ -10,8 +10,12 @@ resumed run continues from) and at the end.
 
 Resume is exact: a checkpoint stores DeepSpeed's state (weights, optimizer, ZeRO partitions),
 the loop position (epoch, optimizer step, micro batches consumed in the epoch) and every
-rank's RNG state; the data order is a pure function of (seed, epoch), so skipping the consumed
-micro batches puts the loader where it was.
+rank's loader position (``ShardLoader.state_dict``): the resumed loader skips the consumed
+samples without decoding them and yields the batches the uninterrupted run would have
+(checkpoints without a loader position fall back to reading and dropping the consumed batches).
+Randomness needs no saved state: every stochastic part (rate code, dropout, mixing) is seeded
+before each micro batch from (seed, rank, epoch, micro batch) (``randomness.py``), and
+augmentation per sample by its stream position in the loader.
 
 Devices: batches go to the rank's device (``ray.train.torch.get_device()``) with non-blocking
 copies from pinned memory on CUDA; losses stay on the device and are read at the logging
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +41,7 @@ from asnn_dist.train.deepspeed_config import build_engine, run_stage
 from asnn_dist.train.evaluate import to_device
 from asnn_dist.train.metrics import (LossMeter, average_buffers, evaluate_with_stats, learned_param_summary,
                                      mean_across_ranks)
+from asnn_dist.train.randomness import mixing_rng, reseed_model
 from asnn_dist.train.schedule import lr_at
 
 
@@ -138,10 +142,14 @@ class Trainer:
 
         restored = ray.train.get_checkpoint()
         if restored is None:
-            torch.manual_seed(self.cfg.seed + 1000 * self.rank)  # per-rank stochastic codes
             return False
         with restored.as_directory() as folder:
             self.state = LoopState(**ckpt.load_training_checkpoint(self.engine, folder, self.rank))
+            loader_state = ckpt.load_loader_state(folder, self.rank)
+        st = self.state
+        if (loader_state is not None and st.micro_in_epoch > 0 and loader_state.get("epoch") == st.epoch
+                and loader_state.get("batches_consumed") == st.micro_in_epoch):
+            self.train_loader.load_state_dict(loader_state)  # else: read and drop the consumed batches
         if self.logger is not None:
             self.logger.set_tag("asnn.resumed_from_step", str(self.state.global_step))
         return True
@@ -155,7 +163,8 @@ class Trainer:
         if self.logger is not None:
             self.logger.flush()  # MLflow holds everything up to this checkpoint's step
         with tempfile.TemporaryDirectory(prefix="asnn-ckpt-") as folder:
-            ckpt.save_training_checkpoint(self.engine, folder, self.rank, asdict(self.state))
+            ckpt.save_training_checkpoint(self.engine, folder, self.rank, asdict(self.state),
+                                          self.train_loader.state_dict())
             if final:
                 sd = ckpt.consolidated_state_dict(self.engine, self.cfg.engine.zero_stage)
                 if sd is not None:
@@ -166,6 +175,7 @@ class Trainer:
     def evaluate(self, extra: Optional[dict[str, float]] = None) -> dict[str, float]:
         module = self.engine.module
         average_buffers(module)
+        reseed_model(module, self.cfg.seed, self.rank, "eval", self.state.global_step)
         metrics = evaluate_with_stats(module, self.val_loader, module.num_steps, self.cfg.run.spike_stats,
                                       device=self.device)
         with self._gathered_small_params():
@@ -194,13 +204,13 @@ class Trainer:
         lr = lr_at(self.state.global_step, self.total_steps, o.lr, o.warmup_steps, o.min_lr, o.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        position = (self.cfg.seed, self.rank, self.state.epoch, self.state.micro_in_epoch)
+        reseed_model(self.engine.module, *position)  # own stream per rank; a resumed run draws the same
         if d.mixup_alpha > 0 or d.cutmix_alpha > 0:
             from asnn_dist.data.mixing import mix_batch, soft_target_cross_entropy
 
-            # Seeded by (seed, rank, position): a resumed run draws the same mixes.
-            rng = random.Random(hash((self.cfg.seed, self.rank, self.state.epoch, self.state.micro_in_epoch)))
             images, targets = mix_batch(images, labels, d.num_classes, d.mixup_alpha, d.cutmix_alpha,
-                                        label_smoothing=o.label_smoothing, rng=rng)
+                                        label_smoothing=o.label_smoothing, rng=mixing_rng(*position))
             loss = soft_target_cross_entropy(self.engine(images).float(), targets, valid)
         else:
             loss = masked_loss(self.engine(images), labels, valid, o.label_smoothing)
@@ -218,11 +228,12 @@ class Trainer:
             self.train_loader.set_epoch(st.epoch)
             self.engine.train()
             t0, seen, losses = time.perf_counter(), 0, LossMeter()
-            for micro, batch in enumerate(self.train_loader):
+            # A restored loader continues at its saved batch; otherwise it starts the epoch.
+            for micro, batch in enumerate(self.train_loader, start=self.train_loader.batches_consumed):
                 if micro >= micro_per_epoch:
                     break
                 if micro < st.micro_in_epoch:
-                    continue  # resumed mid-epoch: these batches were trained before the stop
+                    continue  # resumed from a checkpoint without a loader position: trained before
                 losses.add(self.train_micro_batch(batch))
                 seen += int(batch[2].sum())  # the loader's CPU mask: no device sync
                 st.micro_in_epoch = micro + 1
