@@ -1,6 +1,7 @@
 """Data loading benchmark: shards vs one file or object per sample, on local disk and on S3 (moto).
 
 Run: ``asnn-dist bench data [--samples 1600] [--workers 2] [--repeats 3] [--cache cold|warm]``.
+``--resume [--resume-at 0.9]`` measures a mid-epoch resume instead (``bench/data_resume.py``).
 
 What is measured: samples/s through decode + the ImageNet training recipe (random resized
 crop 224, flip, RandAugment rand-m9-n2) in ``--workers`` DataLoader workers, batch 32, for
@@ -165,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", choices=["cold", "warm"], default="cold",
                    help="drop the local files' page cache before each pass (cold) or not (default: %(default)s)")
     p.add_argument("--workdir", help="keep generated data here (default: a temporary folder, removed)")
+    p.add_argument("--resume", action="store_true",
+                   help="measure what resuming mid-epoch costs against processing the skipped samples "
+                        "(local shards only)")
+    p.add_argument("--resume-at", type=float, default=0.9,
+                   help="with --resume: where in the epoch to resume, a fraction (default: %(default)s)")
     return p
 
 
@@ -332,12 +338,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"asnn-dist: error: --workdir {work} is not empty; pass a new or empty folder", file=sys.stderr)
             return 2
         work.mkdir(parents=True, exist_ok=True)
-        rates = run(args, work)
+        print(measure_in(args, work))
     else:
         with tempfile.TemporaryDirectory(prefix="asnn-bench-data-") as tmp:
-            rates = run(args, Path(tmp))
-    print(report(*rates, args))
+            print(measure_in(args, Path(tmp)))
     return 0
+
+
+def measure_in(args: argparse.Namespace, work: Path) -> str:
+    """The table of the mode ``args`` asks for, with data generated under ``work``."""
+    if args.resume:
+        from asnn_dist.bench.data_resume import run as run_resume
+
+        return run_resume(args, work)
+    return report(*run(args, work), args)
 
 
 if __name__ == "__main__":

@@ -36,3 +36,18 @@ def test_bench_data_refuses_a_used_workdir(tmp_path: Path, capsys: pytest.Captur
     (tmp_path / "keep.txt").write_text("x")
     assert main(["bench", "data", *TINY, "--workdir", str(tmp_path)]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_bench_data_resume_mode_prints_the_ratio(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--resume``: one run measures processing p samples, a fresh and a resumed first batch,
+    and prints the cost ratio; the resumed batch is checked against the uninterrupted pass."""
+    args = ["--samples", "24", "--image-size", "64x48", "--out-size", "32", "--classes", "2",
+            "--samples-per-shard", "4", "--batch-size", "4", "--repeats", "1", "--cache", "warm"]
+    assert main(["bench", "data", "--resume", "--resume-at", "0.5", *args, "--workers", "2",
+                 "--workdir", str(tmp_path / "work")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^resume at batch 3 of 6 \(p = 12 samples\), 2 workers", out, re.M), out
+    for row in ("process p samples (fresh loader)", "first batch, fresh loader", "first batch, resumed at p"):
+        assert re.search(rf"^{re.escape(row)}\s+\d+\.\d+ s", out, re.M), out
+    assert re.search(r"^resume cost / processing p = [\d.]+ % \((met|missed); target <= 5 %\); "
+                     r"resumed batch bit-identical: yes$", out, re.M), out
