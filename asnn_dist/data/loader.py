@@ -132,6 +132,8 @@ class ShardLoader:
         self.skipped_samples = 0  # corrupt samples skipped this epoch (log it with the metrics)
         self.skipped_reasons: list[str] = []  # the first few reasons, one line each
         self._pass_skipped = 0
+        self._counted: list[tuple[int, int]] = []  # (worker, position) of the reports counted this epoch
+        self._ahead = [0] * max(1, num_workers)  # restored: reports counted before the stop, not yet passed
 
     @property
     def epoch(self) -> int:
@@ -175,8 +177,7 @@ class ShardLoader:
         """Select the epoch (a new one starts at its first batch; the restored one continues)."""
         if epoch != self.position.epoch:
             self.position.start_epoch(epoch)
-            self.skipped_samples = 0
-            self.skipped_reasons = []
+            self._reset_skipped()
 
     def __len__(self) -> int:
         """Batches per epoch on every rank (the whole epoch, also after a mid-epoch restore)."""
@@ -191,7 +192,11 @@ class ShardLoader:
 
         It is per rank: save each rank's own (all ranks have the same ``batches_consumed``).
         """
-        return self.position.state(self._layout(), self.skipped_samples)
+        ahead = [0] * len(self._ahead)
+        for worker, position in self._counted:  # counted, but a resumed stream reports them again
+            if position >= self.position.samples[worker]:
+                ahead[worker] += 1
+        return {**self.position.state(self._layout(), self.skipped_samples), "reports_ahead": ahead}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the saved epoch at the saved batch on the next iteration.
@@ -199,8 +204,17 @@ class ShardLoader:
         With another rank/worker/batch layout the epoch's remaining batch count is kept (so ranks
         stay in step) but its samples restart from the epoch's beginning, with a warning.
         """
+        self._reset_skipped()
         self.skipped_samples = self.position.restore(state, self._layout(), len(self), self.mode)
+        ahead = [int(a) for a in state.get("reports_ahead", [])]
+        if len(ahead) == len(self._ahead) and not self.position.restarted:
+            self._ahead = ahead
+
+    def _reset_skipped(self) -> None:
+        self.skipped_samples = 0
         self.skipped_reasons = []
+        self._counted = []
+        self._ahead = [0] * len(self._ahead)
 
     def _layout(self) -> dict[str, Any]:
         return {"mode": self.mode, "rank": self.rank, "world_size": self.world_size,
@@ -232,9 +246,17 @@ class ShardLoader:
         )
 
     def _note_skipped(self, item: Skipped) -> None:
+        """Count a report once per epoch, also across a resume: reports before the resumed
+        position come back ``replayed``, and the first ``_ahead[w]`` others of worker w were
+        counted before the stop."""
         self._pass_skipped += item.count
         if item.replayed:
-            return  # reported before the position this pass resumed from: counted then
+            return
+        worker = max(item.worker, 0)
+        self._counted.append((worker, item.position))
+        if self._ahead[worker] > 0:
+            self._ahead[worker] -= 1
+            return
         self.skipped_samples += item.count
         if len(self.skipped_reasons) < self.log_skipped:
             self.skipped_reasons.append(item.reason)
@@ -280,8 +302,7 @@ class ShardLoader:
     def iter_with_keys(self) -> Iterator[KeyedBatch]:
         """Like iterating the loader, plus the sample key of every row (padding rows included)."""
         if self.position.batches == 0:
-            self.skipped_samples = 0
-            self.skipped_reasons = []
+            self._reset_skipped()
         self._pass_skipped = 0
         remaining = len(self) - self.position.batches
         if remaining <= 0:

@@ -87,10 +87,10 @@ class RankStream(IterableDataset["WorkerBatch | Skipped | WorkerEnd | WorkerFail
             shards: Any = _resampled_shards(spec, random.Random(derive_seed("resample", *ids)))
         else:
             shards = list(zip(spec.urls, spec.sizes))[worker::num_workers]
-        stream: Any = read_shards(shards)
+        skip = spec.skip[worker] if worker < len(spec.skip) else 0
+        stream: Any = read_shards(shards, lazy=skip > 0)
         if spec.train and spec.shuffle_buffer > 1:
             stream = shuffled(stream, spec.shuffle_buffer, random.Random(derive_seed("samples", *ids)))
-        skip = spec.skip[worker] if worker < len(spec.skip) else 0
         transform = spec.transform.build(derive_seed("augment", *ids))
         seed_for = (lambda position: derive_seed("augment", *ids, position)) if spec.transform.augment else None
         stream = decoded(numbered(stream, skip), transform, spec.ext, spec.num_classes, seed_for)

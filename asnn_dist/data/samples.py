@@ -26,6 +26,7 @@ from asnn_dist.data import storage
 from asnn_dist.data.errors import DataError
 from asnn_dist.data.s3 import register_webdataset_scheme
 from asnn_dist.data.shardwrite import IMAGE_EXTS
+from asnn_dist.data.tarindex import materialize, scan_shard
 
 register_webdataset_scheme()  # anyone streaming shards can also use wds.WebDataset("s3://...")
 
@@ -37,13 +38,15 @@ WorkerBatch = tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor, torch.T
 class Skipped:
     """``count`` samples left out of the epoch, and why (one line naming the shard or sample).
 
-    ``worker`` (set by ``batched``) lets the main process count a report in stream order;
+    ``worker`` (set by ``batched``) and ``position`` (in the worker's stream: the sample's, or
+    the next sample's for a cut shard) let a resumed loader count each report once;
     ``replayed``: it came before a resumed stream's first position (counted before the stop).
     """
 
     count: int
     reason: str
     worker: int = -1
+    position: int = -1
     replayed: bool = False
 
 
@@ -97,10 +100,13 @@ def shard_samples(url: str, expected: int) -> Iterator[dict[str, Any] | Skipped]
                                        f"readable{problem}; rebuild this shard")
 
 
-def read_shards(shards: Iterable[tuple[str, int]]) -> Iterator[dict[str, Any] | Skipped]:
-    """Samples of each (url, expected count) in turn."""
+def read_shards(shards: Iterable[tuple[str, int]], lazy: bool = False) -> Iterator[dict[str, Any] | Skipped]:
+    """Samples of each (url, expected count) in turn. ``lazy`` (a resumed stream, which skips
+    its first samples undecoded): local shards are read from their headers, and a sample's
+    bytes only when it is decoded (``tarindex``); the samples are the same."""
     for url, expected in shards:
-        yield from shard_samples(url, expected)
+        indexed = scan_shard(url, expected) if lazy else None
+        yield from indexed if indexed is not None else shard_samples(url, expected)
 
 
 def shuffled(src: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -123,7 +129,7 @@ def numbered(src: Iterable[Any], skip: int = 0) -> Iterator[tuple[int, dict[str,
     position = 0
     for item in src:
         if isinstance(item, Skipped):
-            yield item if position >= skip else dataclasses.replace(item, replayed=True)
+            yield dataclasses.replace(item, position=position, replayed=position < skip)
             continue
         if position >= skip:
             yield position, item
@@ -150,26 +156,28 @@ def decoded(
             yield item
             continue
         position, sample = item
+        sample = materialize(sample)
         where = f"sample {sample.get('__key__')!r} in {sample.get('__url__')}"
         data = _image_bytes(sample, ext)
         if data is None or "cls" not in sample:
             present = sorted(k for k in sample if not k.startswith("__"))
-            yield Skipped(1, f"{where}: incomplete sample (entries {present}, expected '{ext}' and 'cls')")
+            yield Skipped(1, f"{where}: incomplete sample (entries {present}, expected '{ext}' and 'cls')",
+                          position=position)
             continue
         try:
             label = int(sample["cls"])
         except ValueError:
-            yield Skipped(1, f"{where}: label {sample['cls'][:20]!r} is not an integer")
+            yield Skipped(1, f"{where}: label {sample['cls'][:20]!r} is not an integer", position=position)
             continue
         if not 0 <= label < num_classes:
-            yield Skipped(1, f"{where}: label {label} outside 0..{num_classes - 1}")
+            yield Skipped(1, f"{where}: label {label} outside 0..{num_classes - 1}", position=position)
             continue
         if seed_for is not None:
             transform.reseed(seed_for(position))  # type: ignore[attr-defined]
         try:
             image = transform(data, where)
         except DataError as exn:
-            yield Skipped(1, str(exn))
+            yield Skipped(1, str(exn), position=position)
             continue
         yield image, label, str(sample["__key__"]), position
 

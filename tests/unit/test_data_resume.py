@@ -1,7 +1,8 @@
 """Mid-epoch resume from ``ShardLoader.state_dict()``: the resumed loader yields bit for bit the
 batches an uninterrupted pass yields from that point (images after augmentation, labels,
 valid masks, keys), with several DataLoader workers, merged partial tails, padding batches,
-resampled epochs and corrupt samples; and it does not decode the samples it skips."""
+resampled epochs, corrupt samples and a cut shard; and it does not decode the samples it skips
+(nor read their bytes, where a shard's headers describe it, ``tarindex``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from asnn_dist.data.builders import build_synthetic_shards
 from asnn_dist.data.loader import ShardLoader
 from asnn_dist.data.manifest import Manifest
 from asnn_dist.data.ordering import ordered
-from asnn_dist.data.samples import Skipped, WorkerEnd, collate
+from asnn_dist.data.samples import Skipped, WorkerEnd, collate, shard_samples
+from asnn_dist.data.tarindex import materialize, scan_shard
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,8 @@ def test_resume_at_every_batch_is_bit_exact(shards: Manifest, workers: int, mode
     reference = take(full)
     if mode == "exact":  # 3 workers: 10/10/5 samples, partial tails merged, then a padding batch
         assert [int(b[2].sum()) for b in reference] == [4, 4, 4, 4, 4, 4, 1, 0]
-    for k in range(len(reference) + 1):
+    # in-process: every batch; with workers: mid-stream, among merged tails and among padding
+    for k in range(len(reference) + 1) if workers == 0 else (1, 3, len(reference) - 2, len(reference) - 1):
         batches, _ = resumed_at(shards, k, 2, **kw)
         assert_same(batches, reference)
 
@@ -90,19 +93,32 @@ def corrupt(url: str, index: int) -> None:
 
 
 def test_resume_with_corrupt_samples_counts_each_once(shards: Manifest, tmp_path: Path) -> None:
+    """A sample that does not decode in every shard, and one shard cut short (read by the full
+    tar reader, not from its headers): resumed batches and skip counts are still exact."""
     manifest = build_synthetic_shards(str(tmp_path), 55, num_classes=4, width=32, height=24,
                                       samples_per_shard=5, progress=False).manifest
+    urls = manifest.shard_urls()
     for shard in range(len(manifest.shards)):
-        corrupt(manifest.shard_urls()[shard], shard % 5)
+        corrupt(urls[shard], shard % 5)
     kw = loader_args(num_workers=2)
     full = ShardLoader(manifest, **kw)
     full.set_epoch(1)
+    cut = Path(urls[full.rank_shard_indices()[1]])
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size * 6 // 10])
+    assert scan_shard(str(cut), 5) is None and scan_shard(urls[full.rank_shard_indices()[0]], 5) is not None
     reference = take(full)
-    assert full.skipped_samples == 5  # one per shard of this rank
+    assert full.skipped_samples > 5  # one undecodable per shard of this rank, plus the cut samples
     for k in (2, 4, len(reference) - 1):
         batches, resumed = resumed_at(manifest, k, 1, **kw)
         assert_same(batches, reference)
-        assert resumed.skipped_samples == 5
+        assert resumed.skipped_samples == full.skipped_samples
+
+
+def test_header_index_gives_the_full_readers_samples(shards: Manifest) -> None:
+    url = shards.shard_urls()[0]
+    indexed = scan_shard(url, 5)
+    assert indexed is not None and [materialize(s) for s in indexed] == list(shard_samples(url, 5))
+    assert scan_shard(url, 6) is None  # another count than the manifest's: the full reader decides
 
 
 def test_resume_decodes_only_the_samples_left(shards: Manifest, monkeypatch: pytest.MonkeyPatch) -> None:
