@@ -3,8 +3,9 @@ samples it skips.
 
 Why: a restart late in an ImageNet epoch used to decode and augment every consumed batch again
 (up to a million images). A resumed ``ShardLoader`` now skips the consumed samples without
-decoding them (it still reads their bytes, to keep the shuffle exact). Measured on the local
-shards of ``bench data`` (same synthetic photo-like JPEGs, ImageNet train recipe), per repeat:
+decoding them, and on local shards without reading their bytes (it walks the tar headers, which
+keeps the shuffle exact; ``data/tarindex.py``). Measured on the local shards of ``bench data``
+(same synthetic photo-like JPEGs, ImageNet train recipe), per repeat:
 - ``process p``: a fresh loader from the start of the epoch to its batch holding sample p;
 - ``first batch, fresh``: a fresh loader to its first batch (worker start, one batch decoded);
 - ``first batch, resumed``: a loader restored at p (``load_state_dict``) to its first batch.
