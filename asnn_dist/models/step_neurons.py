@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from asnn_dist.models.temporal import current_window, is_channels_last_seq, step_offset
 from asnn_dist.models.window_lif import window_adaptive_lif
-from asnn_dist.snn import backends, native, spike_registry
+from asnn_dist.snn import backends, spike_registry
 from asnn_dist.snn.functional import adaptive_lif_step, lif_step
 from asnn_dist.snn.neurons import LIF, AdaptiveLIF, SpikingNeuron
 from asnn_dist.snn.precision import is_low
@@ -119,8 +119,8 @@ class StepAdaptiveLIF(WindowedNeuron, AdaptiveLIF):
         return (self.leak, self.gain)
 
     def integrates_in_fp32(self, x: Tensor, windowed: bool) -> bool:
-        if windowed:  # the window kernel: C (bf16 in, fp32 membranes) or torch ops
-            return native.supports(x, self.surrogate)  # type: ignore[attr-defined]
+        if windowed:  # the window kernel: C / Triton (bf16 in, fp32 membranes) or torch ops
+            return backends.lif_backend(x, self.surrogate) != "torch"  # type: ignore[attr-defined]
         return super().integrates_in_fp32(x, windowed)
 
     def window_forward(self, x: Tensor, v0: Optional[Tensor], t0: int) -> tuple[Tensor, Tensor]:

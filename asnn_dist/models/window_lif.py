@@ -16,9 +16,11 @@ gradient of the returned membrane) and sg = surrogate'(h[t] - theta):
     g_s = dL/ds[t] + g_v dv/ds  (dv/ds = -theta soft, -h hard, 0 with detach_reset)
     g_h = g_v dv/dh + g_s sg    (dv/dh = 1 soft, 1 - s hard)
     dx[t] = gain[t] g_h,  dgain[t] = <g_h, x[t]>,  dleak[t] = <g_h, v[t-1]>,  dv0 = leak[0] g_h[0].
-On CPU (float32/float64, and bfloat16 x with a float32 membrane; built-in surrogates) forward
-and backward run in the compiled C kernel of ``snn.native`` (the one the fused multi-step
-kernel uses); the torch ops below are the path everywhere else.
+One kernel per device, as for the fused neuron (``snn.backends``): on CPU (float32/float64, and
+bfloat16 x with a float32 membrane; built-in surrogates) the compiled C kernel of ``snn.native``,
+on CUDA the Triton kernel of ``snn.triton_lif`` (entry membrane in, last membrane out; leak and
+gain stay device tensors, so no host syncs); the torch ops below are the fallback elsewhere,
+reading leak and gain as 0-dim device tensors off the CPU (``snn.fused``'s rule).
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from asnn_dist.snn import affine_source, native
-from asnn_dist.snn.fused import param_grads
+from asnn_dist.snn import affine_source, backends, fused, native
+from asnn_dist.snn.fused import _axpy, _per_step, param_grads
 from asnn_dist.snn.surrogate import Surrogate
 
 
-def _steps(x: Tensor, v0: Optional[Tensor], lk: list[float], gn: list[float], thr: float, hard: bool,
+def _steps(x: Tensor, v0: Optional[Tensor], lk: list, gn: list, thr: float, hard: bool,
            keep: bool) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
     """Spikes [tau, ...] and the last membrane; with ``keep`` also every h[t] and v[t]."""
     spikes = torch.empty_like(x)
@@ -43,9 +45,9 @@ def _steps(x: Tensor, v0: Optional[Tensor], lk: list[float], gn: list[float], th
     for t in range(x.shape[0]):
         h = torch.mul(x[t], gn[t])
         if v is not None:
-            h.add_(v, alpha=lk[t])
-        s = torch.ge(h, thr, out=spikes[t])
-        v = torch.lt(h, thr).to(h.dtype).mul_(h) if hard else torch.sub(h, s, alpha=thr)
+            _axpy(h, lk[t], v, out=h)
+        s = torch.gt(h, thr, out=spikes[t])  # strictly above the threshold
+        v = torch.le(h, thr).to(h.dtype).mul_(h) if hard else torch.sub(h, s, alpha=thr)
         if keep:
             hs.append(h)
             vs.append(v)
@@ -58,16 +60,28 @@ class _WindowAdaptiveLIF(torch.autograd.Function):
                 threshold: float, surrogate: Surrogate, hard: bool, detach_reset: bool) -> tuple[Tensor, Tensor]:
         steps = x.shape[0]
         index = list(range(t0, t0 + steps)) if leak.numel() > 1 else [0] * steps
-        lk = [float(leak.detach().reshape(-1)[i]) for i in index]
-        gn = [float(gain.detach().reshape(-1)[i]) for i in index]
         x = x.contiguous()
         v0 = None if v0 is None else v0.contiguous()
-        ctx.native = native.supports(x, surrogate)
-        if ctx.native:
+        ctx.backend = backends.lif_backend(x, surrogate)
+        if ctx.backend == "torch" and x.device.type not in fused.HOST_SCALAR_DEVICES:
+            # 0-dim device tensors (kept: this window's values, even if ZeRO-3 frees the parameter)
+            lk = _per_step(_window(leak, t0, steps).clone(), steps, "leak", x, host=False)
+            gn = _per_step(_window(gain, t0, steps).clone(), steps, "gain", x, host=False)
+        elif ctx.backend == "triton":
+            lk, gn = _window(leak, t0, steps).clone(), _window(gain, t0, steps).clone()
+        else:  # CPU: the values as floats (reading CPU memory, no device sync)
+            lk = [float(leak.detach().reshape(-1)[i]) for i in index]
+            gn = [float(gain.detach().reshape(-1)[i]) for i in index]
+        if ctx.backend in ("c", "triton"):
             # bf16 x: spikes in bf16, the membrane carried on in fp32 (snn.precision)
-            spikes, v = torch.empty_like(x), torch.empty_like(x[0], dtype=native.MEMBRANE_DTYPES[x.dtype])
-            native.forward(_flat(x), None if v0 is None else v0.view(-1), lk, gn, threshold, hard, _flat(spikes),
-                           v.view(-1))
+            spikes = torch.empty_like(x)
+            v = torch.empty_like(x[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+            flat_v0 = None if v0 is None else v0.view(-1)
+            if ctx.backend == "c":
+                native.forward(_flat(x), flat_v0, lk, gn, threshold, hard, _flat(spikes), v.view(-1))
+            else:
+                backends.triton_lif().forward(_flat(x), _flat(spikes), lk, gn, threshold, hard, v0=flat_v0,
+                                              v_last=v.view(-1))
         else:
             spikes, v, _, _ = _steps(x, v0, lk, gn, threshold, hard, keep=False)
         affine_source.save_input(ctx, x, v0)  # x, or the BN input it is rebuilt from
@@ -79,8 +93,10 @@ class _WindowAdaptiveLIF(torch.autograd.Function):
     def backward(ctx: Any, g_s: Tensor, g_last: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
         x, (v0,) = affine_source.saved_input(ctx)
         index, lk, gn, thr, surrogate, hard, detach, leak_shape, gain_shape, p_dtype = ctx.consts
-        if ctx.native:
+        if ctx.backend == "c":
             return _native_backward(ctx, x, v0, g_s, g_last)
+        if ctx.backend == "triton":
+            return _triton_backward(ctx, x, v0, g_s, g_last)
         spikes, _, hs, vs = _steps(x, v0, lk, gn, thr, hard, keep=True)
         steps = x.shape[0]
         gx = torch.empty_like(x)
@@ -128,6 +144,38 @@ def _native_backward(ctx: Any, x: Tensor, v0: Optional[Tensor], g_s: Tensor,
     d_leak = param_grads(acc, index, like_leak, 0, need_leak)  # type: ignore[arg-type]
     d_gain = param_grads(acc, index, like_gain, steps, need_gain)  # type: ignore[arg-type]
     return (gx, gv0, d_leak, d_gain, None, None, None, None, None)
+
+
+def _window(p: Tensor, t0: int, steps: int) -> Tensor:
+    """The window's per-step values of a parameter (a device view; shared: its one value)."""
+    flat = p.detach().reshape(-1)
+    return flat[t0 : t0 + steps] if flat.numel() > 1 else flat
+
+
+def _triton_backward(ctx: Any, x: Tensor, v0: Optional[Tensor], g_s: Tensor,
+                     g_last: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    index, lk, gn, thr, surrogate, hard, detach, leak_shape, gain_shape, p_dtype = ctx.consts
+    need_x, need_v0, need_leak, need_gain = ctx.needs_input_grad[:4]
+    gx = torch.empty_like(x) if need_x else None
+    gv0 = torch.empty_like(v0) if v0 is not None and need_v0 else None
+    d_leak, d_gain, _ = backends.triton_lif().backward(
+        _flat(x), _flat(g_s.contiguous()), None if gx is None else _flat(gx), lk, gn, thr, hard, detach, surrogate,
+        v0=None if v0 is None else v0.view(-1), g_last=None if g_last is None else g_last.contiguous().view(-1),
+        gv0=None if gv0 is None else gv0.view(-1))
+    t0 = index[0]
+    grads = []
+    for sums, shape, needed in ((d_leak, leak_shape, need_leak), (d_gain, gain_shape, need_gain)):
+        g = None
+        if needed:  # the window's steps t0.. of a per-step parameter, or the sum for a shared one
+            numel = torch.Size(shape).numel()
+            g = sums.new_zeros(numel)
+            if numel > 1:
+                g[t0 : t0 + len(index)] = sums
+            else:
+                g[0] = sums.sum()
+            g = g.to(p_dtype).view(shape)
+        grads.append(g)
+    return (gx, gv0, *grads, None, None, None, None, None)
 
 
 def window_adaptive_lif(x: Tensor, v0: Optional[Tensor], leak: Tensor, gain: Tensor, t0: int, threshold: float,

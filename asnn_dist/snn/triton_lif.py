@@ -64,44 +64,56 @@ def _threshold(thr_ptr, thr_val, THR_PTR: tl.constexpr, ACC: tl.constexpr):
 
 @triton.jit
 def _reset(h, thr, HARD: tl.constexpr):
-    """v after the step: 0 where h >= thr (hard) or h - thr s (soft)."""
+    """v after the step: 0 where h > thr (hard) or h - thr s (soft); s = h > thr, strictly."""
     if HARD:
-        v = tl.where(h >= thr, 0.0, h).to(h.dtype)
+        v = tl.where(h > thr, 0.0, h).to(h.dtype)
     else:
-        v = h - thr * (h >= thr).to(h.dtype)
+        v = h - thr * (h > thr).to(h.dtype)
     return v
 
 
 @triton.jit
-def _lif_forward(x_ptr, s_ptr, leak_ptr, gain_ptr, thr_ptr, thr_val, n, steps, leak_stride, gain_stride,
-                 HARD: tl.constexpr, THR_PTR: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _lif_forward(x_ptr, s_ptr, v0_ptr, vlast_ptr, leak_ptr, gain_ptr, thr_ptr, thr_val, n, steps, leak_stride,
+                 gain_stride, HARD: tl.constexpr, THR_PTR: tl.constexpr, HAS_V0: tl.constexpr,
+                 STORE_V: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     thr = _threshold(thr_ptr, thr_val, THR_PTR, ACC)
-    v = tl.zeros([BLOCK], ACC)
+    if HAS_V0:  # a time window that starts from the membrane the previous window left
+        v = tl.load(v0_ptr + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        v = tl.zeros([BLOCK], ACC)
     for t in range(steps):
         row = t * tl.cast(n, tl.int64) + offs
         xt = tl.load(x_ptr + row, mask=mask, other=0.0).to(ACC)
         lk = tl.load(leak_ptr + t * leak_stride).to(ACC)
         gn = tl.load(gain_ptr + t * gain_stride).to(ACC)
         h = gn * xt + lk * v
-        tl.store(s_ptr + row, (h >= thr).to(ACC).to(s_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + row, (h > thr).to(ACC).to(s_ptr.dtype.element_ty), mask=mask)
         v = _reset(h, thr, HARD)
+    if STORE_V:
+        tl.store(vlast_ptr + offs, v.to(vlast_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _lif_backward(x_ptr, go_ptr, gx_ptr, part_ptr, leak_ptr, gain_ptr, thr_ptr, thr_val, alpha, n, steps,
-                  leak_stride, gain_stride, HARD: tl.constexpr, DETACH: tl.constexpr, SUR: tl.constexpr,
-                  THR_PTR: tl.constexpr, STORE_GX: tl.constexpr, ACC: tl.constexpr, T_PAD: tl.constexpr,
+def _lif_backward(x_ptr, go_ptr, gx_ptr, part_ptr, v0_ptr, glast_ptr, gv0_ptr, leak_ptr, gain_ptr, thr_ptr,
+                  thr_val, alpha, n, steps, leak_stride, gain_stride, HARD: tl.constexpr, DETACH: tl.constexpr,
+                  SUR: tl.constexpr, THR_PTR: tl.constexpr, STORE_GX: tl.constexpr, HAS_V0: tl.constexpr,
+                  HAS_GLAST: tl.constexpr, STORE_GV0: tl.constexpr, ACC: tl.constexpr, T_PAD: tl.constexpr,
                   BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     n64 = tl.cast(n, tl.int64)
+    inside = offs < n64
     rows = tl.arange(0, T_PAD)
     thr = _threshold(thr_ptr, thr_val, THR_PTR, ACC)
     # 1) recompute h[t] of every step with the forward's exact ops; row t of H holds h[t]
     H = tl.zeros([T_PAD, BLOCK], ACC)
-    v = tl.zeros([BLOCK], ACC)
+    if HAS_V0:
+        v0 = tl.load(v0_ptr + offs, mask=inside, other=0.0).to(ACC)
+    else:
+        v0 = tl.zeros([BLOCK], ACC)
+    v = v0
     for t in tl.static_range(T_PAD):
         # padded steps (t >= T) read x = 0 and dL/ds = 0 and store nothing: no gradient flows
         live = offs < tl.where(t < steps, n64, 0)
@@ -116,10 +128,14 @@ def _lif_backward(x_ptr, go_ptr, gx_ptr, part_ptr, leak_ptr, gain_ptr, thr_ptr, 
     DG = tl.zeros([T_PAD, BLOCK], ACC)
     DL = tl.zeros([T_PAD, BLOCK], ACC)
     thr_acc = tl.zeros([BLOCK], ACC)
-    gv = tl.zeros([BLOCK], ACC)  # dL/dv[t]
+    gv = tl.zeros([BLOCK], ACC)  # dL/dv[t]; zero through the padded steps
+    if HAS_GLAST:  # the gradient of the returned last membrane enters at step T-1
+        glast = tl.load(glast_ptr + offs, mask=inside, other=0.0).to(ACC)
     for i in tl.static_range(T_PAD):
         t = T_PAD - 1 - i
         live = offs < tl.where(t < steps, n64, 0)
+        if HAS_GLAST:
+            gv = tl.where(t == steps - 1, glast, gv)
         tc = tl.minimum(t, steps - 1)
         sel = rows[:, None] == t
         h = tl.sum(tl.where(sel, H, 0.0), axis=0)
@@ -127,7 +143,7 @@ def _lif_backward(x_ptr, go_ptr, gx_ptr, part_ptr, leak_ptr, gain_ptr, thr_ptr, 
         xt = tl.load(x_ptr + t * n64 + offs, mask=live, other=0.0).to(ACC)
         lk = tl.load(leak_ptr + tc * leak_stride).to(ACC)
         gn = tl.load(gain_ptr + tc * gain_stride).to(ACC)
-        s = (h >= thr).to(ACC)
+        s = (h > thr).to(ACC)
         sg = _surrogate(h - thr, alpha, SUR)
         if DETACH:
             gs = go
@@ -148,7 +164,11 @@ def _lif_backward(x_ptr, go_ptr, gx_ptr, part_ptr, leak_ptr, gain_ptr, thr_ptr, 
         if t > 0:
             hp = tl.sum(tl.where(rows[:, None] == t - 1, H, 0.0), axis=0)
             DL = tl.where(sel, (gh * _reset(hp, thr, HARD))[None, :], DL)
+        elif HAS_V0:
+            DL = tl.where(sel, (gh * v0)[None, :], DL)
         gv = lk * gh
+    if STORE_GV0:  # dL/dv0 = leak[0] dL/dh[0]
+        tl.store(gv0_ptr + offs, gv.to(gv0_ptr.dtype.element_ty), mask=inside)
     base = part_ptr + pid.to(tl.int64) * (2 * T_PAD + 1)
     tl.store(base + rows, tl.sum(DL, axis=1))
     tl.store(base + T_PAD + rows, tl.sum(DG, axis=1))
@@ -192,8 +212,10 @@ def backward_block(steps: int) -> int:
 
 
 def forward(x: Tensor, spikes: Tensor, leak: float | Tensor, gain: float | Tensor, threshold: float | Tensor,
-            hard: bool) -> None:
-    """Spikes of x [T, n] into ``spikes`` [T, n] (both contiguous, same dtype and device)."""
+            hard: bool, v0: Optional[Tensor] = None, v_last: Optional[Tensor] = None) -> None:
+    """Spikes of x [T, n] into ``spikes`` [T, n] (both contiguous, same dtype and device).
+    A time window (checkpointed segments) starts from membrane ``v0`` [n] (None: rest) and
+    writes its last membrane into ``v_last`` [n] (None: not kept)."""
     steps, n = x.shape
     lk, lk_stride = _param(leak, steps, "leak", x)
     gn, gn_stride = _param(gain, steps, "gain", x)
@@ -201,15 +223,19 @@ def forward(x: Tensor, spikes: Tensor, leak: float | Tensor, gain: float | Tenso
     if n == 0:
         return
     grid = (triton.cdiv(n, FORWARD_BLOCK),)
-    _lif_forward[grid](x, spikes, lk, gn, thr_ptr, thr_val, n, steps, lk_stride, gn_stride,
-                       HARD=bool(hard), THR_PTR=thr_from_ptr, ACC=_acc(x.dtype)[0], BLOCK=FORWARD_BLOCK,
-                       num_warps=NUM_WARPS, enable_fp_fusion=False)
+    _lif_forward[grid](x, spikes, x if v0 is None else v0, x if v_last is None else v_last, lk, gn, thr_ptr,
+                       thr_val, n, steps, lk_stride, gn_stride, HARD=bool(hard), THR_PTR=thr_from_ptr,
+                       HAS_V0=v0 is not None, STORE_V=v_last is not None, ACC=_acc(x.dtype)[0],
+                       BLOCK=FORWARD_BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 def backward(x: Tensor, gout: Tensor, gx: Optional[Tensor], leak: float | Tensor, gain: float | Tensor,
-             threshold: float | Tensor, hard: bool, detach: bool, surrogate: object) -> tuple[Tensor, Tensor, Tensor]:
+             threshold: float | Tensor, hard: bool, detach: bool, surrogate: object, v0: Optional[Tensor] = None,
+             g_last: Optional[Tensor] = None, gv0: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """BPTT of ``forward``: dx into ``gx`` [T, n] (None: not needed); returns the float64 sums
-    over elements (dleak [T], dgain [T], dthr []) as device tensors. x, gout contiguous [T, n]."""
+    over elements (dleak [T], dgain [T], dthr []) as device tensors. x, gout contiguous [T, n].
+    A window: its entry membrane ``v0``, the gradient ``g_last`` of its last membrane, and
+    dL/dv0 written into ``gv0`` (each [n], None when absent / not needed)."""
     steps, n = x.shape
     if steps > MAX_TRITON_STEPS:
         raise ValueError(f"the Triton LIF kernel takes T <= {MAX_TRITON_STEPS} steps, got {steps}")
@@ -222,9 +248,11 @@ def backward(x: Tensor, gout: Tensor, gx: Optional[Tensor], leak: float | Tensor
     part = torch.empty(programs, 2 * t_pad + 1, dtype=acc_torch, device=x.device)
     if programs:
         _lif_backward[(programs,)](
-            x, gout, x if gx is None else gx, part, lk, gn, thr_ptr, thr_val, float(surrogate.alpha),  # type: ignore[attr-defined]
+            x, gout, x if gx is None else gx, part, x if v0 is None else v0, x if g_last is None else g_last,
+            x if gv0 is None else gv0, lk, gn, thr_ptr, thr_val, float(surrogate.alpha),  # type: ignore[attr-defined]
             n, steps, lk_stride, gn_stride, HARD=bool(hard), DETACH=bool(detach),
             SUR=SURROGATE_CODES[type(surrogate).__name__], THR_PTR=thr_from_ptr, STORE_GX=gx is not None,
+            HAS_V0=v0 is not None, HAS_GLAST=g_last is not None, STORE_GV0=gv0 is not None,
             ACC=acc_tl, T_PAD=t_pad, BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=False)
     sums = part.to(torch.float64).sum(0)
     return sums[:steps], sums[t_pad : t_pad + steps], sums[2 * t_pad]

@@ -250,3 +250,27 @@ def test_window_kernel_from_rest_equals_fused_multistep_kernel():
     (gx,) = torch.autograd.grad(spikes, x, g)
     assert torch.equal(spikes, plain)
     assert torch.allclose(gx, gx_plain, atol=1e-12)
+
+
+@pytest.mark.parametrize("reset,adaptive", [("soft", True), ("hard", False)])
+def test_window_torch_ops_read_parameters_on_the_device_bit_for_bit(monkeypatch, reset, adaptive):
+    """Off the CPU (a GPU without Triton) the window's torch ops read leak and gain as 0-dim
+    device tensors, no host syncs; that form gives the host form's values and gradients exactly."""
+    from asnn_dist.snn import fused, native
+
+    torch.manual_seed(0)
+    n = StepAdaptiveLIF(5, reset=reset, adaptive=adaptive)
+    with torch.no_grad():
+        n.leak.uniform_(0.2, 0.9)
+        n.gain.uniform_(0.3, 1.2)
+    x, v0 = 1.5 * torch.randn(3, 4, 6), torch.randn(4, 6)
+    gs, gv = torch.randn(3, 4, 6), torch.randn(4, 6)
+    outs = []
+    for devices in (fused.HOST_SCALAR_DEVICES, ()):
+        monkeypatch.setattr(fused, "HOST_SCALAR_DEVICES", devices)
+        xr, vr = x.clone().requires_grad_(), v0.clone().requires_grad_()
+        with native.forced(False):
+            s, v = window_adaptive_lif(xr, vr, n.leak, n.gain, 1, n.threshold, n.surrogate, reset)
+            outs.append((s, v, *torch.autograd.grad((s * gs).sum() + (v * gv).sum(), [xr, vr, n.leak, n.gain])))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

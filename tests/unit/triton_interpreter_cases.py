@@ -93,6 +93,25 @@ def test_triton_lif_matches_step_loop_values_and_all_gradients(steps, n, reset, 
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * max(1.0, b.abs().max().item()))
 
 
+@pytest.mark.parametrize("reset", ["soft", "hard"])
+def test_triton_lif_membrane_at_the_threshold_does_not_fire(reset):
+    """u > theta strictly: u = 1 (tie), 1 (tie), 2 with leak = gain = 0.5, theta = 1 (as in
+    test_snn_fused); a tensor threshold takes the same rule."""
+    x = torch.tensor([[2.0, 0.5], [1.0, 0.5], [3.0, 0.5]])
+    leak, gain, sur = torch.full((3,), 0.5), torch.full((3,), 0.5), SigmoidSurrogate()
+    assert backends.lif_backend(x, sur) == "triton"
+    for thr in (1.0, torch.tensor(1.0)):
+        s = fused_adaptive_lif(x, leak, gain, thr, sur, reset)
+        ref = multistep_loop(lambda a, v, t: adaptive_lif_step(a, v, 0.5, 0.5, 1.0, sur, reset), x)[0]
+        assert s.tolist() == ref.tolist() == [[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]]
+        got = _grads(lambda *a: fused_adaptive_lif(*a, sur, reset), x, leak, gain, thr, torch.ones_like(x))
+        want = _grads(lambda xr, lk, gn, th: multistep_loop(
+            lambda a, v, t: adaptive_lif_step(a, v, lk[t], gn[t], th, sur, reset), xr)[0],
+            x, leak, gain, thr, torch.ones_like(x))
+        for a, b in zip(got[1:], want[1:]):
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
 def test_triton_lif_kernels_exact_in_float64_and_respect_limits():
     """The kernels alone (no autograd), float64: sums and dx to rounding, a float threshold
     without rounding to float32, and the step limit of the backward's register tiles."""
@@ -170,3 +189,40 @@ def test_tiny_model_on_the_triton_route_matches_the_cpu_kernels():
     torch.testing.assert_close(out_t, out_c, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads_t, grads_c):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# --- time windows (checkpointed segments): entry membrane in, last membrane out --------------
+
+@pytest.mark.parametrize("reset,detach,sur_name", [("soft", False, "sigmoid"), ("hard", False, "atan"),
+                                                    ("soft", True, "atan"), ("hard", True, "sigmoid")])
+@pytest.mark.parametrize("with_v0,t0,steps,n", [(True, 2, 3, 37), (False, 0, 4, 1000), (True, 1, 1, 5)])
+def test_triton_window_matches_step_loop_with_carried_membranes(reset, detach, sur_name, with_v0, t0, steps, n):
+    """window_adaptive_lif on the Triton route (steps t0.. of per-step parameters, from v0,
+    returning the last membrane) against the loop of step functions: spikes exact, the last
+    membrane and every gradient (x, v0, leak, gain; the last membrane's too) to float32 rounding."""
+    from asnn_dist.models.window_lif import window_adaptive_lif
+
+    x, gs, _, _ = _make(steps, n, 11 + t0 + steps)
+    _, _, leak, gain = _make(t0 + steps + 1, 1, 5)  # the neuron's per-step parameters over all T
+    v0 = (0.7 * torch.randn(n, generator=torch.Generator().manual_seed(3))) if with_v0 else None
+    gv = torch.randn(n, generator=torch.Generator().manual_seed(4))
+    sur = SigmoidSurrogate(4.0) if sur_name == "sigmoid" else AtanSurrogate(3.0)
+
+    def run(window: bool):
+        xr, lk, gn = x.clone().requires_grad_(), leak.clone().requires_grad_(), gain.clone().requires_grad_()
+        vr = None if v0 is None else v0.clone().requires_grad_()
+        if window:
+            assert backends.lif_backend(xr, sur) == "triton"
+            s, v = window_adaptive_lif(xr, vr, lk, gn, t0, 0.9, sur, reset, detach)
+        else:
+            step = lambda a, v, t: adaptive_lif_step(a, v, lk[t0 + t], gn[t0 + t], 0.9, sur, reset, detach)  # noqa: E731
+            s, v = multistep_loop(step, xr, vr)
+        inputs = [xr, lk, gn] + ([vr] if vr is not None else [])
+        grads = torch.autograd.grad((s * gs).sum() + (v * gv).sum(), inputs, allow_unused=True)
+        return s, v, [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, grads)]
+
+    (s, v, g), (s_ref, v_ref, g_ref) = run(True), run(False)
+    assert torch.equal(s, s_ref)
+    torch.testing.assert_close(v, v_ref, rtol=2e-5, atol=2e-5)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * max(1.0, b.abs().max().item()))
