@@ -119,6 +119,38 @@ def test_fused_lif_never_syncs_the_host(triton_on):
                 torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("triton_on", [True, False])
+@pytest.mark.parametrize("reset,detach,sur_name", [("soft", False, "sigmoid"), ("hard", True, "atan")])
+def test_window_lif_on_cuda_matches_step_loop_without_host_syncs(triton_on, reset, detach, sur_name):
+    """A time-checkpointed window (steps 2.. of 8-step parameters, from a carried membrane):
+    Triton (or the torch-op fallback) against the step loop, and no host syncs in either."""
+    from asnn_dist.models.window_lif import window_adaptive_lif
+
+    x, gs, _, _ = _inputs(3, 70_001, 9)
+    _, _, leak, gain = _inputs(8, 1, 10)
+    v0, gv = torch.randn(70_001, device=DEV), torch.randn(70_001, device=DEV)
+    sur = SigmoidSurrogate(4.0) if sur_name == "sigmoid" else AtanSurrogate(3.0)
+
+    def run(window):
+        xr, lk, gn, vr = (t.clone().requires_grad_() for t in (x, leak, gain, v0))
+        if window:
+            s, v = window_adaptive_lif(xr, vr, lk, gn, 2, 0.9, sur, reset, detach)
+        else:
+            s, v = multistep_loop(lambda a, vv, t: adaptive_lif_step(a, vv, lk[2 + t], gn[2 + t], 0.9, sur, reset,
+                                                                     detach), xr, vr)
+        return (s, v, *torch.autograd.grad((s * gs).sum() + (v * gv).sum(), (xr, vr, lk, gn)))
+
+    with backends.forced_triton(triton_on):
+        run(True)  # warm-up: Triton compiles
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = run(True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    _check(got, run(False))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_triton_bits_on_cuda(dtype):
     bits_mod = backends.triton_bits()
