@@ -77,8 +77,15 @@ class EncodingConfig(Section):
         return self
 
 
+# neuron.adaptive's named variant: the authors' ablation (their ASNN=False) keeps the per-step
+# leak and gain and drops only the learned readout scale (model.learnable_readout false).
+FIXED_READOUT = "fixed_readout"
+
+
 class NeuronConfig(Section):
-    adaptive: bool = Field(True, description="per-step learned leak and gain (ASNN); False shares one pair")
+    adaptive: Literal[True, False, "fixed_readout"] = Field(
+        True, description="true: per-step learned leak and gain (ASNN); false: one shared pair (our baseline); "
+        "fixed_readout: per-step leak and gain, readout scale fixed at 1 (the authors' ASNN=False ablation)")
     threshold: float = Field(1.0, gt=0.0, description="firing threshold theta")
     reset: Literal["soft", "hard"] = Field("soft", description="reset by subtraction or to zero")
     detach_reset: bool = Field(False, description="stop gradients through the reset")
@@ -100,7 +107,8 @@ MODEL_KEYS_FROM_CONFIG = {
 
 class ModelConfig(Section):
     name: str = Field("lenet_asnn", description="registered model name (asnn-dist models list)")
-    learnable_readout: bool = Field(True, description="learned per-step readout scale (ASNN)")
+    learnable_readout: bool = Field(True, description="learned per-step readout scale (ASNN); "
+                                    "neuron.adaptive=fixed_readout sets it false")
     options: dict[str, Any] = Field(
         default_factory=dict, description="extra keyword arguments of the model factory"
     )
@@ -290,4 +298,9 @@ class ExperimentConfig(Section):
             raise ValueError("engine.precision=fp16 needs run.use_gpu=true; allowed on CPU: fp32, bf16")
         if self.engine.offload_params and self.engine.zero_stage != 3:
             raise ValueError("engine.offload_params needs engine.zero_stage=3")
+        if self.neuron.adaptive == FIXED_READOUT and self.model.learnable_readout:
+            if "learnable_readout" in self.model.model_fields_set:
+                raise ValueError("neuron.adaptive=fixed_readout fixes the readout scale at 1, but "
+                                 "model.learnable_readout=true; drop one of them")
+            self.model.learnable_readout = False  # what the named variant means
         return self

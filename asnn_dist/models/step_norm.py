@@ -1,11 +1,13 @@
 """BatchNorm with statistics per time step (the convention of every model in this package).
 
 Why per step: BN over the flattened [T*B] batch (Spikformer's convention) needs every step
-before any step can be normalised, so it cannot run step by step; per-step statistics (the
-authors' LeNet convention) let plain and time-checkpointed execution compute the same
-function. Each step is normalised over its own batch (and space, or tokens); the affine pair
-is shared; running statistics are kept per step ([T, C] buffers) so that eval normalises step
-t with step t's statistics. A checkpoint recomputation (``temporal.recomputing()``)
+before any step can be normalised, so it cannot run step by step; per-step batch statistics
+(as in the authors' LeNet, which applies its BatchNorm at every step) let plain and
+time-checkpointed execution compute the same function. Each step is normalised over its own
+batch (and space, or tokens); the affine pair is shared. Running statistics are kept per step
+([T, C] buffers) so that eval normalises step t with step t's statistics: our choice, not the
+authors' (their BatchNorm keeps one running mean and variance per channel, updated at every
+step). A checkpoint recomputation (``temporal.recomputing()``)
 normalises with the same batch statistics but leaves the running statistics alone, so they
 are updated exactly once per training forward.
 

@@ -9,10 +9,12 @@ fires at the first step whose threshold it reaches and never again (fired mask).
 thresholds decrease, "reached z[i] but not z[i-1]" is that rule in one vectorised comparison.
 
 Precision (``snn.precision``): thresholds are float64 buffers that never follow a bf16/fp16
-cast of the model, and values are compared with them in float64, so under a bf16 engine a
-value fires at the same step as in fp32 training (the input images stay fp32; the model
-casts the encoded sequence to its compute dtype afterwards). Rate codes draw their uniforms
-in fp32 or better.
+cast of the model; a code rounds them to the input's dtype and compares there, as the
+authors' code compares a float32 image with Python-float thresholds: a float32 0.7 reaches
+the threshold 1 - 3/10 (in float64 it would sit just below it and fire a step later). The
+input images stay fp32 under a bf16 engine, so a value fires at the same step as in fp32
+training (the model casts the encoded sequence to its compute dtype afterwards). Rate codes
+draw their uniforms in fp32 or better.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ class ThresholdEncoder(Encoder):
 
     def forward(self, x: Tensor) -> Tensor:
         r = equal_mass_transform(x) if self.levels == "equal_mass" else x
-        z = self.thresholds.view(-1, *([1] * r.dim()))
+        z = self.thresholds.to(r.dtype).view(-1, *([1] * r.dim()))  # compared in the input's dtype
         reached = r.unsqueeze(0) >= z  # monotone in step: once reached, reached forever
         spikes = reached.to(x.dtype)
         spikes[1:] -= reached[:-1].to(x.dtype)  # fire only at the first reached step
@@ -161,11 +163,16 @@ class BitplaneEncoder(Encoder):
         self.register_buffer("bits", 2 ** torch.arange(num_steps), persistent=False)
 
     def codes(self, x: Tensor) -> Tensor:
-        """Code c in 1..q per value (int64): one plus the number of thresholds above it."""
+        """Code c in 1..q per value (int64): one plus the number of thresholds above it.
+
+        Compared in the input's dtype (thresholds rounded to it); bf16/fp16 values and their
+        rounded thresholds are searched in fp32, which holds both exactly.
+        """
         r = equal_mass_transform(x) if self.levels == "equal_mass" else x
-        above = self.num_levels - torch.searchsorted(
-            self.ascending, r.to(torch.float64).contiguous(), right=True
-        )
+        z = self.ascending.to(r.dtype)
+        if is_low(r.dtype):
+            z, r = z.float(), r.float()
+        above = self.num_levels - torch.searchsorted(z, r.contiguous(), right=True)
         return above.clamp_(max=self.num_levels - 1) + 1
 
     def forward(self, x: Tensor) -> Tensor:

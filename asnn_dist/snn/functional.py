@@ -29,7 +29,8 @@ def adaptive_lif_step(
 ) -> tuple[Tensor, Tensor]:
     """One ASNN neuron step (method section 1); returns (spike, membrane after reset).
 
-    u = leak * v + gain * current;  s = H(u - threshold);
+    u = leak * v + gain * current;  s = H(u - threshold)  (fires when u > threshold, strictly:
+    the method's rule and the authors' code; ``spike_fn`` is a surrogate, whose H(0) = 0);
     soft reset: u - threshold * s;  hard reset: u * (1 - s) (back to 0).
     ``detach_reset`` stops the gradient through the s used in the reset only.
     """
@@ -56,7 +57,7 @@ def lif_step(
 
     charge: decay_input  h = v + (x - (v - v_reset)) / tau
             otherwise    h = v - (v - v_reset) / tau + x        (v_reset None counts as 0)
-    fire:   s = H(h - threshold)
+    fire:   s = H(h - threshold)   (h > threshold, strictly; SpikingJelly fires at h >= threshold)
     reset:  v_reset None -> soft, h - threshold * s;  else hard, (1 - s) * h + s * v_reset
     The resting state (``v=None``) is v_reset for a hard reset and 0 for a soft one.
     """

@@ -14,7 +14,7 @@ backward); the backward allocates dx plus [T, chunk] buffers.
 
 Recurrence (method section 1; the loop reference is ``functional.adaptive_lif_step``):
     h[t] = leak[t] * v[t-1] + gain[t] * x[t]     v[-1] = 0
-    s[t] = H(h[t] - theta)
+    s[t] = H(h[t] - theta)       (H(0) = 0: fires only strictly above theta)
     v[t] = h[t] - theta * s[t]   (soft)   or   h[t] * (1 - s[t])   (hard)
 Backward, with g_v = dL/dv[t] = leak[t+1] * g_h[t+1] and sg = surrogate'(h[t] - theta):
     g_s  = dL/ds[t] + g_v * dv/ds    (dv/ds = -theta soft, -h hard, 0 if detach_reset)
@@ -110,9 +110,9 @@ def _step(
     torch.mul(x_t, gain, out=h)
     if v_prev is not None:
         _axpy(h, leak, v_prev, out=h)
-    torch.ge(h, thr, out=s)
+    torch.gt(h, thr, out=s)  # fires strictly above the threshold
     if hard:
-        torch.lt(h, thr, out=v_out)
+        torch.le(h, thr, out=v_out)
         v_out.mul_(h)
     else:
         _axpy(h, neg_thr, s, out=v_out)  # h - thr s (what torch.sub with alpha computes)
@@ -251,7 +251,7 @@ def _torch_backward(ctx: Any, x: Tensor, gout: Tensor, params: list, tensors: tu
         # 2) surrogate'(h - thr) / kappa for all steps at once (G = k (h - thr) in one pass)
         finish_(torch.add(c0, H, alpha=k, out=G))
         if M_b is not None:
-            M = torch.lt(H, thr, out=M_b[:, :c])  # 1 - s
+            M = torch.le(H, thr, out=M_b[:, :c])  # 1 - s
         # 3) reverse sweep: G[t] becomes dL/dh[t] / kappa in place
         for t in reversed(range(steps)):
             last = t == steps - 1
@@ -272,7 +272,7 @@ def _torch_backward(ctx: Any, x: Tensor, gout: Tensor, params: list, tensors: tu
                 _axpy(G[t], lk[t + 1], G[t + 1], out=G[t])
         # 4) parameter gradients as batched dot products, then dx
         if need_thr and not hard and steps > 1:  # soft reset: dv[t]/dthr = -s[t]
-            spikes = torch.ge(H[:-1], thr).to(G.dtype)
+            spikes = torch.gt(H[:-1], thr).to(G.dtype)
             d_thr.append(-kappa * (lk_next * _rowdot(G[1:], spikes)).sum())
         if need_gain:
             d_gain.append(_rowdot(G, xc))

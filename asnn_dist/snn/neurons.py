@@ -23,6 +23,10 @@ from asnn_dist.snn.fused import fused_adaptive_lif, fused_lif
 from asnn_dist.snn.surrogate import build_surrogate
 
 BACKENDS = ("fused", "loop")
+# ``adaptive`` values (config ``neuron.adaptive``): per-step leak/gain (True), one shared pair
+# (False), or "fixed_readout": per-step leak/gain in a model whose readout scale is fixed at 1
+# (the authors' ASNN=False ablation; the readout is the model's, the neuron is per-step).
+ADAPTIVE_CHOICES = (True, False, "fixed_readout")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -101,7 +105,7 @@ class AdaptiveLIF(SpikingNeuron):
         threshold: float = 1.0,
         reset: str = "soft",
         detach_reset: bool = False,
-        adaptive: bool = True,
+        adaptive: bool | str = True,
         surrogate: str = "sigmoid",
         alpha: float | None = None,
         init_leak: float = 0.5,
@@ -117,8 +121,10 @@ class AdaptiveLIF(SpikingNeuron):
         self.threshold = float(threshold)
         self.reset = reset
         self.detach_reset = bool(detach_reset)
-        self.adaptive = bool(adaptive)
-        n = num_steps if adaptive else 1
+        if adaptive not in ADAPTIVE_CHOICES:
+            raise ValueError(f"adaptive must be one of {list(ADAPTIVE_CHOICES)}, got {adaptive!r}")
+        self.adaptive = bool(adaptive)  # per-step parameters unless False
+        n = num_steps if self.adaptive else 1
         self.leak = nn.Parameter(torch.full((n,), float(init_leak)))
         self.gain = nn.Parameter(torch.full((n,), float(init_gain)))
 

@@ -6,9 +6,9 @@ to bf16 and keeps fp32 master weights in its optimizer; it leaves buffers alone 
 matmul-heavy layers compute in the parameters' dtype ("compute dtype"); everything that
 accumulates, compares against thresholds or reduces over many values stays fp32:
 
-- Input images stay fp32 (loader -> device); the encoder compares them with its thresholds
-  (float64 buffers) in fp32 or better, so a value right at a threshold fires at the same
-  step as in fp32 training. Its spikes (exactly 0/1) and the analog direct steps are then cast
+- Input images stay fp32 (loader -> device); the encoder rounds its thresholds (float64
+  buffers) to the images' dtype and compares there, as the authors' code does, so a value
+  right at a threshold fires at the same step as in fp32 training. Its spikes (exactly 0/1) and the analog direct steps are then cast
   to the compute dtype by the model (``SpikingClassifier.forward_steps``), as autocast casts
   a conv's input.
 - Convs, linears and spike attention run in the compute dtype (bf16 products, fp32 sums

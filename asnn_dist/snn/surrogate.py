@@ -4,9 +4,11 @@ Why objects and not module instances: a surrogate is a pure, immutable rule (a n
 alpha), so it is a frozen dataclass. Nothing is shared or mutated between neurons, unlike
 libraries that keep one default surrogate module as a mutable default argument.
 
-Each surrogate has ``__call__(x)`` (spike = 1.0 where x >= 0, gradient through an autograd
-Function) and ``grad(x)`` (the surrogate derivative itself, which the fused multi-step kernel
-calls directly inside its hand-written backward).
+Each surrogate has ``__call__(x)`` (spike = 1.0 where x > 0, strictly, as in the method and
+the authors' code; gradient through an autograd Function) and ``grad(x)`` (the surrogate
+derivative itself, which the fused multi-step kernel calls directly inside its hand-written
+backward). A surrogate is defined by its ``kernel_form`` alone: grad, the autograd backward
+and the fused kernel all evaluate that one form, so they round alike.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from asnn_dist.registry import SURROGATES
 
 
 def heaviside(x: Tensor) -> Tensor:
-    """H(x) = 1.0 where x >= 0, else 0.0, in x's dtype."""
-    return (x >= 0).to(x.dtype)
+    """H(x) = 1.0 where x > 0 (strictly: a membrane at the threshold does not fire), else 0.0."""
+    return (x > 0).to(x.dtype)
 
 
 def _sigmoid_finish_(y: Tensor) -> Tensor:
@@ -37,43 +39,22 @@ def _atan_finish_(y: Tensor) -> Tensor:
     return y.square_().add_(1.0).reciprocal_()
 
 
-def sigmoid_grad(x: Tensor, alpha: float, out: Tensor | None = None) -> Tensor:
-    """d/dx sigmoid(alpha x) = alpha * sig * (1 - sig); ``out`` may alias ``x``."""
-    y = torch.mul(x, alpha, out=out) if out is not None else x * alpha
-    return _sigmoid_finish_(y).mul_(alpha)
+KernelForm = tuple[float, float, Callable[[Tensor], Tensor]]
 
 
-def atan_grad(x: Tensor, alpha: float, out: Tensor | None = None) -> Tensor:
-    """d/dx (1/pi) arctan(pi/2 alpha x) = alpha/2 / (1 + (pi/2 alpha x)^2); ``out`` may alias x."""
-    k = math.pi / 2 * alpha
-    y = torch.mul(x, k, out=out) if out is not None else x * k
-    return _atan_finish_(y).mul_(alpha / 2)
+class _Spike(torch.autograd.Function):
+    """Heaviside forward; backward multiplies by the surrogate's derivative at x."""
 
-
-class _SigmoidSpike(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, alpha: float) -> Tensor:
+    def forward(ctx: Any, x: Tensor, surrogate: "HeavisideSurrogate") -> Tensor:
         ctx.save_for_backward(x)
-        ctx.alpha = alpha
+        ctx.surrogate = surrogate
         return heaviside(x)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None]:
         (x,) = ctx.saved_tensors
-        return grad_out * sigmoid_grad(x, ctx.alpha), None
-
-
-class _AtanSpike(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, alpha: float) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.alpha = alpha
-        return heaviside(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None]:
-        (x,) = ctx.saved_tensors
-        return grad_out * atan_grad(x, ctx.alpha), None
+        return grad_out * ctx.surrogate.grad(x), None
 
 
 class Surrogate(Protocol):
@@ -84,30 +65,25 @@ class Surrogate(Protocol):
     def grad(self, x: Tensor, out: Tensor | None = None) -> Tensor: ...
 
 
-KernelForm = tuple[float, float, Callable[[Tensor], Tensor]]
-
-
-def _check_alpha(alpha: float) -> None:
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"surrogate alpha must be a positive finite number, got {alpha!r}")
-
-
-@SURROGATES.register("sigmoid")
 @dataclass(frozen=True)
-class SigmoidSurrogate:
-    """Heaviside with the sigmoid-derivative surrogate (ASNN default, alpha = 4)."""
+class HeavisideSurrogate:
+    """Base of the built-in surrogates: a subclass gives ``kernel_form`` and ``smooth``."""
 
-    alpha: float = 4.0
+    alpha: float
 
     def __post_init__(self) -> None:
-        _check_alpha(self.alpha)
+        a = self.alpha
+        if not (isinstance(a, (int, float)) and math.isfinite(a) and a > 0):
+            raise ValueError(f"surrogate alpha must be a positive finite number, got {a!r}")
 
     def __call__(self, x: Tensor) -> Tensor:
-        return _SigmoidSpike.apply(x, float(self.alpha))
+        return _Spike.apply(x, self)
 
     def grad(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """Surrogate derivative at x (written into ``out`` when given; it may alias x)."""
-        return sigmoid_grad(x, float(self.alpha), out)
+        k, scale, finish_ = self.kernel_form()
+        y = torch.mul(x, k, out=out) if out is not None else x * k
+        return finish_(y).mul_(scale)
 
     def kernel_form(self) -> KernelForm:
         """(k, scale, finish_) with grad(x) = scale * finish_(k * x), finish_ in place.
@@ -115,36 +91,40 @@ class SigmoidSurrogate:
         Lets the fused kernel build k * (h - theta) in the same pass as h and fold the
         scale into a later multiply-add, saving passes over memory.
         """
-        return float(self.alpha), float(self.alpha), _sigmoid_finish_
+        raise NotImplementedError
 
     def smooth(self, x: Tensor) -> Tensor:
         """The smooth function whose derivative is the surrogate (for tests and plots)."""
+        raise NotImplementedError
+
+
+@SURROGATES.register("sigmoid")
+@dataclass(frozen=True)
+class SigmoidSurrogate(HeavisideSurrogate):
+    """Heaviside with the sigmoid-derivative surrogate (ASNN default, alpha = 4)."""
+
+    alpha: float = 4.0
+
+    def kernel_form(self) -> KernelForm:
+        """alpha sig(alpha x)(1 - sig(alpha x)): k = scale = alpha."""
+        return float(self.alpha), float(self.alpha), _sigmoid_finish_
+
+    def smooth(self, x: Tensor) -> Tensor:
         return torch.sigmoid(self.alpha * x)
 
 
 @SURROGATES.register("atan")
 @dataclass(frozen=True)
-class AtanSurrogate:
+class AtanSurrogate(HeavisideSurrogate):
     """Heaviside with the arctan surrogate (SpikingJelly's default shape, alpha = 2)."""
 
     alpha: float = 2.0
 
-    def __post_init__(self) -> None:
-        _check_alpha(self.alpha)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return _AtanSpike.apply(x, float(self.alpha))
-
-    def grad(self, x: Tensor, out: Tensor | None = None) -> Tensor:
-        """Surrogate derivative at x (written into ``out`` when given; it may alias x)."""
-        return atan_grad(x, float(self.alpha), out)
-
     def kernel_form(self) -> KernelForm:
-        """(k, scale, finish_) with grad(x) = scale * finish_(k * x), finish_ in place."""
+        """alpha/2 / (1 + (pi/2 alpha x)^2): k = pi/2 alpha, scale = alpha/2."""
         return math.pi / 2 * float(self.alpha), float(self.alpha) / 2, _atan_finish_
 
     def smooth(self, x: Tensor) -> Tensor:
-        """The smooth function whose derivative is the surrogate (for tests and plots)."""
         return 0.5 + torch.atan(math.pi / 2 * self.alpha * x) / math.pi
 
 

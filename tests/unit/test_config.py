@@ -81,6 +81,28 @@ def test_time_levels_and_states_reach_the_model_and_are_checked():
         load_config(None, ["checkpoint.time_states=-1"])
 
 
+def test_adaptive_variants_reach_the_model():
+    """neuron.adaptive: true (ASNN), false (our shared-pair baseline) and fixed_readout (the
+    authors' ASNN=False: per-step leak and gain, readout scale fixed at 1)."""
+    from asnn_dist.models.build import model_from_config
+
+    def built(*overrides: str) -> tuple[set, bool]:
+        cfg = load_config(None, ["model.name=lenet_asnn_tiny", "encoding.num_steps=3", *overrides])
+        model = model_from_config(cfg)
+        leaks = {tuple(m.leak.shape) for m in model.modules() if hasattr(m, "leak")}
+        return leaks, model.readout.learnable
+
+    assert built() == ({(3,)}, True)
+    assert built("neuron.adaptive=false") == ({(1,)}, True)
+    assert built("neuron.adaptive=fixed_readout") == ({(3,)}, False)
+    cfg = load_config(None, ["neuron.adaptive=fixed_readout"])
+    assert cfg.model.learnable_readout is False and ExperimentConfig.model_validate(cfg.model_dump()) == cfg
+    with pytest.raises(ConfigError, match=r"fixed_readout fixes the readout scale.*learnable_readout=true"):
+        load_config(None, ["neuron.adaptive=fixed_readout", "model.learnable_readout=true"])
+    with pytest.raises(ConfigError, match=r"neuron.adaptive: bad value 'paper'.*True, False or 'fixed_readout'"):
+        load_config(None, ["neuron.adaptive=paper"])
+
+
 def test_bad_scheme_value():
     with pytest.raises(ConfigError, match=r"encoding.scheme: bad value 'temporal'.*'direct', 'threshold', 'bitplane' or 'rate'"):
         load_config(None, ["encoding.scheme=temporal"])

@@ -79,6 +79,28 @@ def test_bitplane_decodes_to_the_threshold_level() -> None:
     assert code.flatten()[0] == q and code.flatten()[49] == 1  # x = 0 and x = 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_codes_compare_in_the_inputs_dtype_as_the_reference(dtype) -> None:
+    """Thresholds are rounded to the input's dtype, as the authors' code compares a tensor with
+    Python floats: a float32 0.7 reaches 1 - 3/10 at step 2 with T = 10 (compared in float64,
+    float32(0.7) < 0.7 would fire a step later). Inputs: every threshold rounded to the dtype."""
+    z10 = [1 - (i + 1) / 10 for i in range(10)]
+    x = torch.tensor([z10], dtype=dtype)
+    out = ThresholdEncoder(10)(x)
+    assert torch.equal(out, _reference_threshold_code(x, z10))
+    assert out[:, 0, 2].argmax() == 2 and out[:, 0].argmax(0).tolist() == list(range(10))
+    hybrid = build_encoder("threshold", 10, direct_steps=1)(x)  # L = T = 10 over 9 steps
+    assert torch.equal(hybrid[1:], _reference_threshold_code(x, z10[:9]))
+    q = 2**5 - 1  # 23 of its 31 thresholds round down to float32
+    zq = [1 - (i + 1) / q for i in range(q)]
+    v = torch.tensor([zq], dtype=dtype)
+    code = BitplaneEncoder(5).codes(v)
+    assert code.tolist() == [list(range(1, q + 1))]  # each value reaches its own threshold
+    if dtype == torch.float32:  # the case the float64 comparison got wrong
+        assert torch.tensor(0.7, dtype=dtype).double() < 0.7
+        assert (v[0].double() < torch.tensor(zq, dtype=torch.float64)).any()
+
+
 def test_equal_mass_thresholds_closed_form_and_equal_shares() -> None:
     levels = 4
     z = equal_mass_thresholds(levels, levels)

@@ -13,6 +13,7 @@ from asnn_dist.snn import native
 from asnn_dist.registry import SURROGATES
 from asnn_dist.snn.functional import adaptive_lif_step, lif_step, multistep_loop
 from asnn_dist.snn.fused import fused_adaptive_lif, fused_lif
+from asnn_dist.snn.surrogate import heaviside
 
 F64 = torch.float64
 TOL = dict(rtol=0, atol=1e-6)
@@ -53,7 +54,7 @@ def test_surrogate_backward_is_grad_out_times_derivative(name: str, alpha: float
 def test_surrogate_values_and_formulas() -> None:
     x = torch.tensor([-1.0, -1e-12, 0.0, 1e-12, 2.0], dtype=F64)
     for name in ("sigmoid", "atan"):
-        assert SURROGATES.create(name)(x).tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]
+        assert SURROGATES.create(name)(x).tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]  # H(0) = 0: strict
     # sigmoid: alpha * sig(0) * (1 - sig(0)) = alpha / 4; atan: alpha / 2 at 0
     assert SURROGATES.create("sigmoid").grad(torch.zeros(1, dtype=F64)).item() == 1.0
     assert SURROGATES.create("atan", alpha=3.0).grad(torch.zeros(1, dtype=F64)).item() == 1.5
@@ -75,15 +76,11 @@ def test_surrogates_are_immutable_and_validated() -> None:
 # --- step functions ------------------------------------------------------------------------
 
 
-def _heaviside(x: torch.Tensor) -> torch.Tensor:
-    return (x >= 0).to(x.dtype)
-
-
 def test_adaptive_step_hand_computed() -> None:
     xs = torch.tensor([[1.5], [0.5], [2.5]], dtype=F64)
     for reset, v_end in (("soft", 0.5625), ("hard", 0.0)):
         def step(x, v, t, reset=reset):
-            return adaptive_lif_step(x, v, 0.5, 0.5, 1.0, _heaviside, reset)
+            return adaptive_lif_step(x, v, 0.5, 0.5, 1.0, heaviside, reset)
 
         spikes, v = multistep_loop(step, xs)
         assert spikes.flatten().tolist() == [0.0, 0.0, 1.0]  # u = 0.75, 0.625, 1.5625
@@ -94,7 +91,7 @@ def test_lif_step_spikingjelly_semantics_hand_computed() -> None:
     xs = torch.tensor([[1.5], [0.5], [2.5]], dtype=F64)
 
     def run(**kw):
-        return multistep_loop(lambda x, v, t: lif_step(x, v, 2.0, 1.0, _heaviside, **kw), xs)
+        return multistep_loop(lambda x, v, t: lif_step(x, v, 2.0, 1.0, heaviside, **kw), xs)
 
     s, v = run()  # decay_input, hard reset to 0: h = 0.75, 0.625, 1.5625 (= adaptive 0.5/0.5)
     assert s.flatten().tolist() == [0.0, 0.0, 1.0] and v.item() == 0.0
@@ -105,10 +102,32 @@ def test_lif_step_spikingjelly_semantics_hand_computed() -> None:
     s, v = run(v_reset=-0.5)  # rests at -0.5: h0 = -0.5 + (1.5 + 0) / 2 = 0.25, ...
     h1 = 0.25 + (0.5 - 0.75) / 2
     h2 = h1 + (2.5 - (h1 + 0.5)) / 2
-    assert s.flatten().tolist() == [0.0, 0.0, 1.0] and h2 >= 1.0 and v.item() == -0.5
+    assert s.flatten().tolist() == [0.0, 0.0, 1.0] and h2 > 1.0 and v.item() == -0.5
 
 
 # --- fused kernel vs loop --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reset", ["soft", "hard"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
+@pytest.mark.usefixtures("kernel_path")
+def test_a_membrane_exactly_at_the_threshold_does_not_fire(reset, dtype) -> None:
+    """u > theta strictly, in every CPU implementation: leak = gain = 0.5, theta = 1 and
+    x = 2, 1, 3 give u = 1 (a tie: silent), 1 (a tie again: silent, the membrane kept), 2
+    (fires). Under u >= theta the first step would fire. Gradients match the loop too."""
+    from asnn_dist.models.window_lif import window_adaptive_lif
+
+    x = torch.tensor([[2.0, 0.5], [1.0, 0.5], [3.0, 0.5]], dtype=dtype)
+    leak, gain = torch.full((3,), 0.5, dtype=dtype), torch.full((3,), 0.5, dtype=dtype)
+    sur, gout = SURROGATES.create("sigmoid"), torch.ones_like(x)
+    want = [[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]]
+    ref = _run_adaptive("loop", x, leak, gain, 1.0, sur, reset, False, gout)
+    out = _run_adaptive("fused", x, leak, gain, 1.0, sur, reset, False, gout)
+    window, v_last = window_adaptive_lif(x, None, leak, gain, 0, 1.0, sur, reset)
+    assert ref[0].tolist() == out[0].tolist() == window.tolist() == want
+    assert v_last.tolist() == ([1.0, 0.4375] if reset == "soft" else [0.0, 0.4375])
+    for got, exp in zip(out, ref):
+        torch.testing.assert_close(got, exp, **(TOL if dtype != torch.bfloat16 else dict(rtol=2e-2, atol=2e-2)))
 
 
 def _params(steps: int, adaptive: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

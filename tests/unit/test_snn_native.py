@@ -14,7 +14,7 @@ import torch
 from asnn_dist.snn import native
 from asnn_dist.snn.fused import fused_adaptive_lif
 from asnn_dist.snn.functional import adaptive_lif_step, multistep_loop
-from asnn_dist.snn.surrogate import AtanSurrogate, SigmoidSurrogate, atan_grad
+from asnn_dist.snn.surrogate import AtanSurrogate, SigmoidSurrogate
 
 CC = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler")
@@ -34,8 +34,9 @@ def test_builds_atomically_into_the_cache_and_runs(tmp_path, monkeypatch):
     leak = (ctypes.c_double * 2)(0.5, 0.5)
     gain = (ctypes.c_double * 2)(1.0, 1.0)
     assert lib.asnn_lif_forward(1, 2, 2, x.data_ptr(), None, leak, gain, 1.0, 0, spikes.data_ptr(), None, 1) == 0
-    # h0 = (0.5, 3.0) -> s = (0, 1), v = (0.5, 2.0); h1 = (0.25 + 1.5, 1.0 + 0) -> s = (1, 1)
-    assert spikes.tolist() == [[0.0, 1.0], [1.0, 1.0]]
+    # h0 = (0.5, 3.0) -> s = (0, 1), v = (0.5, 2.0); h1 = (0.25 + 1.5, 1.0 + 0) -> s = (1, 0):
+    # a membrane exactly at the threshold stays silent (u > theta, strictly)
+    assert spikes.tolist() == [[0.0, 1.0], [1.0, 0.0]]
 
 
 @needs_cc
@@ -126,11 +127,12 @@ def _sigmoid_grad_exact(y: torch.Tensor, alpha: float) -> torch.Tensor:
 def test_surrogates_of_the_c_kernel_match_torch_over_the_whole_range():
     """The kernel's own exp (branch-free, vectorised) against the float64 formulas, with
     dL/ds = 1, one step and gain 1, so dx is the surrogate at h - thr. The sigmoid reference
-    is the cancellation-free alpha e / (1 + e)^2, e = exp(-|alpha y|) (``sigmoid_grad``'s
+    is the cancellation-free alpha e / (1 + e)^2, e = exp(-|alpha y|) (``SigmoidSurrogate.grad``'s
     sig - sig^2 loses digits for y >> 0, so the kernel uses this form too)."""
     y = torch.cat([torch.linspace(-30, 30, 2001), torch.tensor([-1e4, -88.0, 88.0, 1e4, 0.0])])
     for dtype, rtol in ((torch.float32, 3e-6), (torch.float64, 1e-13)):
-        for sur, ref in ((SigmoidSurrogate(4.0), _sigmoid_grad_exact), (AtanSurrogate(2.0), atan_grad)):
+        atan = AtanSurrogate(2.0)
+        for sur, ref in ((SigmoidSurrogate(4.0), _sigmoid_grad_exact), (atan, lambda y, a: atan.grad(y))):
             x = (y.to(dtype) + 1.0).requires_grad_()  # thr 1: h - thr = x - 1
             with native.forced(True):
                 (g,) = torch.autograd.grad(fused_adaptive_lif(x[None], 0.5, 1.0, 1.0, sur).sum(), x)

@@ -47,6 +47,7 @@ def test_registry_lookup_and_unknown_name() -> None:
         (dict(num_steps=4, backend="cuda"), r"backend must be one of \['fused', 'loop'\]"),
         (dict(num_steps=4, surrogate="relu"), r"surrogate must be one of \['atan', 'sigmoid'\]"),
         (dict(num_steps=4, alpha=-1.0), "alpha"),
+        (dict(num_steps=4, adaptive="shared"), r"adaptive must be one of \[True, False, 'fixed_readout'\]"),
     ],
 )
 def test_adaptive_lif_rejects_bad_arguments(kwargs: dict, match: str) -> None:

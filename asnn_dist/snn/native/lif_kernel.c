@@ -11,7 +11,7 @@
  *
  * Recurrence (asnn-method.md section 1; the reference is snn.functional.adaptive_lif_step):
  *   h[t] = gain[t] x[t] + leak[t] v[t-1]    (no leak term at t = 0 without an entry membrane)
- *   s[t] = h[t] >= thr
+ *   s[t] = h[t] > thr        (strictly, as the method and the authors' code)
  *   v[t] = h[t] - thr s[t]  (soft)   or   h[t] if s[t] == 0 else 0  (hard)
  * Backward with g_v = dL/dv[t] (dL/dv of the returned last membrane after the last step,
  * else 0) and sg = surrogate'(h[t] - thr):
@@ -99,7 +99,7 @@ static inline double exp_neg_abs_d(double a) {
  * The membrane update is written once (LIF_H / LIF_V) and used by the forward and by the
  * backward's recomputation, so both round identically. */
 #define LIF_H(g, xv, l, v) ((g) * (xv) + (l) * (v))
-#define LIF_V(h, s, thr, hard) ((hard) ? ((h) >= (thr) ? 0 : (h)) : (h) - (thr) * (s))
+#define LIF_V(h, s, thr, hard) ((hard) ? ((h) > (thr) ? 0 : (h)) : (h) - (thr) * (s))
 
 #define DEFINE_KERNELS(REAL, STORE, SUFFIX, EXPNEG, LD, ST)                                             \
     static inline REAL surrogate_##SUFFIX(REAL y, int sur, REAL alpha) {                              \
@@ -119,7 +119,7 @@ static inline double exp_neg_abs_d(double a) {
         if (vin) {                                                                                     \
             for (int64_t i = 0; i < m; ++i) {                                                          \
                 REAL h = LIF_H(g, LD(xt[i]), l, vin[i]);                                                \
-                REAL s = h >= thr ? (REAL)1 : (REAL)0;                                                 \
+                REAL s = h > thr ? (REAL)1 : (REAL)0;                                                  \
                 vout[i] = LIF_V(h, s, thr, hard);                                                      \
                 if (ht) ht[i] = h;                                                                     \
                 if (st) st[i] = ST(s);                                                                  \
@@ -127,7 +127,7 @@ static inline double exp_neg_abs_d(double a) {
         } else {                                                                                       \
             for (int64_t i = 0; i < m; ++i) {                                                          \
                 REAL h = g * LD(xt[i]);                                                                 \
-                REAL s = h >= thr ? (REAL)1 : (REAL)0;                                                 \
+                REAL s = h > thr ? (REAL)1 : (REAL)0;                                                  \
                 vout[i] = LIF_V(h, s, thr, hard);                                                      \
                 if (ht) ht[i] = h;                                                                     \
                 if (st) st[i] = ST(s);                                                                  \
@@ -167,7 +167,7 @@ static inline double exp_neg_abs_d(double a) {
         _Pragma("omp simd reduction(+ : s_gain, s_leak, s_thr)")                                      \
         for (int64_t i = 0; i < m; ++i) {                                                              \
             REAL h = ht[i], gv = gvv[i];                                                               \
-            REAL s = h >= thr ? (REAL)1 : (REAL)0;                                                     \
+            REAL s = h > thr ? (REAL)1 : (REAL)0;                                                      \
             REAL sg = surrogate_##SUFFIX(h - thr, sur, alpha);                                         \
             REAL gs = detach ? LD(got[i]) : LD(got[i]) + gv * (hard ? -h : -thr);                       \
             REAL gh = gs * sg + (hard ? gv * ((REAL)1 - s) : gv);                                      \
