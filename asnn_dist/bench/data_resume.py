@@ -5,19 +5,21 @@ Why: a restart late in an ImageNet epoch used to decode and augment every consum
 (up to a million images). A resumed ``ShardLoader`` now skips the consumed samples without
 decoding them, and on local shards without reading their bytes (it walks the tar headers, which
 keeps the shuffle exact; ``data/tarindex.py``). Measured on the local shards of ``bench data``
-(same synthetic photo-like JPEGs, ImageNet train recipe), per repeat:
-- ``process p``: a fresh loader from the start of the epoch to its batch holding sample p;
-- ``first batch, fresh``: a fresh loader to its first batch (worker start, one batch decoded);
-- ``first batch, resumed``: a loader restored at p (``load_state_dict``) to its first batch.
-The resume cost is ``resumed - fresh`` (what getting back to p adds), its ratio to
-``process p`` is the figure (target <= 5 %), median over repeats. The resumed batch is checked
-bit-identical to the uninterrupted pass's. Wall-clock times: on a shared machine other load
-moves them, which the repeats and the median absorb only in part.
+(same synthetic photo-like JPEGs, ImageNet train recipe), three passes per repeat:
+- fresh to p: a fresh loader from the start of the epoch to the batch holding sample p (and the
+  one after it, the reference the resumed batch is checked against, bit for bit);
+- fresh, 1 batch: a fresh loader's first batch (worker start, prefetch, one batch);
+- resumed, 1 batch: a loader restored at p (``load_state_dict``) to its first batch.
+Resume cost = resumed - fresh (what getting back to p adds); processing p = (fresh to p) -
+(fresh, 1 batch); the figure is their ratio (target <= 5 %), median over repeats, in CPU
+seconds (this process and its finished DataLoader workers: other load on a shared machine
+hardly moves it) and in wall-clock seconds (which it does move).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import time
@@ -29,62 +31,78 @@ TARGET = 0.05
 
 
 def _pass(loader: Any, stop_after: int) -> tuple[float, float, Any, Any]:
-    """A pass of ``stop_after + 1`` batches: (seconds to the first batch, seconds to batch
-    ``stop_after``, the loader state after it, the batch that follows it)."""
-    start = time.perf_counter()
-    first = last = 0.0
+    """Iterate to batch ``stop_after + 1``: (wall seconds, CPU seconds, the loader state after
+    batch ``stop_after``, the last batch). Returning drops the iterator, which stops and joins
+    the DataLoader workers, so their CPU time is counted."""
+    from asnn_dist.bench.data import cpu_seconds
+
+    wall, cpu = time.perf_counter(), cpu_seconds()
     state = None
     for i, batch in enumerate(loader.iter_with_keys()):
-        if i == 0:
-            first = time.perf_counter() - start
         if i + 1 == stop_after:
-            last = time.perf_counter() - start
             state = loader.state_dict()
         if i == stop_after:
-            return first, last, state, batch
-    raise RuntimeError(f"the loader ended before batch {stop_after + 1}")
+            break
+    else:
+        raise RuntimeError(f"the loader ended before batch {stop_after + 1}")
+    del loader
+    return time.perf_counter() - wall, cpu, state, batch
+
+
+def _finish(started: tuple[float, float, Any, Any]) -> tuple[float, float, Any, Any]:
+    from asnn_dist.bench.data import cpu_seconds
+
+    gc.collect()  # the pass's workers are gone: count their CPU time
+    wall, cpu, state, batch = started
+    return wall, cpu_seconds() - cpu, state, batch
 
 
 def measure(make: Callable[[], Any], fraction: float, repeats: int, evict: Callable[[], None]) -> dict[str, Any]:
-    """Per repeat: process p (fresh loader to batch k), its first batch, a resumed loader's first batch."""
+    """Per repeat: fresh to p, fresh 1 batch, resumed 1 batch (module docstring)."""
     probe = make()
     k = max(1, min(len(probe) - 1, round(fraction * len(probe))))
     out: dict[str, Any] = {"batches": k, "epoch_batches": len(probe), "samples": k * probe.batch_size,
-                           "process": [], "fresh": [], "resumed": [], "exact": True}
+                           "exact": True, **{f"{a}_{b}": [] for a in ("wall", "cpu")
+                                             for b in ("process", "fresh", "resumed")}}
     for _ in range(repeats):
         evict()
-        fresh_first, process, state, after = _pass(make(), k)
+        wall_k, cpu_k, state, after = _finish(_pass(make(), k))
+        evict()
+        wall_1, cpu_1, _, _ = _finish(_pass(make(), 0))
         evict()
         resumed = make()
         resumed.load_state_dict(state)
-        resumed_first, _, _, got = _pass(resumed, 0)
+        wall_r, cpu_r, _, got = _finish(_pass(resumed, 0))
         out["exact"] &= all(torch.equal(a, b) for a, b in zip(got[:3], after[:3])) and got[3] == after[3]
-        out["process"].append(process)
-        out["fresh"].append(fresh_first)
-        out["resumed"].append(resumed_first)
-    cost = [max(r - f, 0.0) for r, f in zip(out["resumed"], out["fresh"])]
-    out["cost"] = cost
-    out["ratio"] = statistics.median(c / p for c, p in zip(cost, out["process"]))
+        for kind, fresh_k, fresh_1, res in (("wall", wall_k, wall_1, wall_r), ("cpu", cpu_k, cpu_1, cpu_r)):
+            out[f"{kind}_process"].append(fresh_k - fresh_1)
+            out[f"{kind}_fresh"].append(fresh_1)
+            out[f"{kind}_resumed"].append(res)
+    for kind in ("wall", "cpu"):
+        cost = [r - f for r, f in zip(out[f"{kind}_resumed"], out[f"{kind}_fresh"])]
+        out[f"{kind}_cost"] = cost
+        out[f"{kind}_ratio"] = statistics.median(c / max(p, 1e-9) for c, p in zip(cost, out[f"{kind}_process"]))
     return out
 
 
 def report(result: dict[str, Any], args: argparse.Namespace) -> str:
-    med = {k: statistics.median(result[k]) for k in ("process", "fresh", "resumed", "cost")}
-    ratio = result["ratio"]
+    lines = [f"resume at batch {result['batches']} of {result['epoch_batches']} (p = {result['samples']} samples), "
+             f"{args.workers} workers, batch {args.batch_size}, cache {args.cache}, {args.repeats} repeats "
+             "(median; per repeat after it)"]
+    rows = (("process p samples (fresh loader)", "process"), ("first batch, fresh loader", "fresh"),
+            ("first batch, resumed at p", "resumed"), ("resume cost (resumed - fresh)", "cost"))
+    for kind, unit in (("cpu", "CPU-s"), ("wall", "s")):
+        for label, key in rows:
+            values = result[f"{kind}_{key}"]
+            lines.append(f"{label + ', ' + unit:<42}{statistics.median(values):>9.3f}   "
+                         + " ".join(f"{v:.3f}" for v in values))
+    for kind, name in (("cpu", "CPU time"), ("wall", "wall time")):
+        ratio = result[f"{kind}_ratio"]
+        lines.append(f"resume cost / processing p ({name}) = {100 * ratio:.1f} % "
+                     f"({'met' if ratio <= TARGET else 'missed'}; target <= {100 * TARGET:.0f} %)")
+    lines.append(f"resumed batch bit-identical to the uninterrupted pass: {'yes' if result['exact'] else 'NO'}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    lines = [
-        f"resume at batch {result['batches']} of {result['epoch_batches']} (p = {result['samples']} samples), "
-        f"{args.workers} workers, batch {args.batch_size}, cache {args.cache}, {args.repeats} repeats (median s)",
-        f"{'process p samples (fresh loader)':<40}{med['process']:>9.3f} s   "
-        + " ".join(f"{v:.3f}" for v in result["process"]),
-        f"{'first batch, fresh loader':<40}{med['fresh']:>9.3f} s   " + " ".join(f"{v:.3f}" for v in result["fresh"]),
-        f"{'first batch, resumed at p':<40}{med['resumed']:>9.3f} s   "
-        + " ".join(f"{v:.3f}" for v in result["resumed"]),
-        f"{'resume cost (resumed - fresh)':<40}{med['cost']:>9.3f} s",
-        f"resume cost / processing p = {100 * ratio:.1f} % ({'met' if ratio <= TARGET else 'missed'}; target <= "
-        f"{100 * TARGET:.0f} %); resumed batch bit-identical: {'yes' if result['exact'] else 'NO'}",
-        f"load average at the end: {load:.1f} on {os.cpu_count()} CPUs (wall times suffer from other load)",
-    ]
+    lines.append(f"load average at the end: {load:.1f} on {os.cpu_count()} CPUs (wall times suffer from other load)")
     return "\n".join(lines)
 
 

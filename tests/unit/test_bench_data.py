@@ -47,7 +47,11 @@ def test_bench_data_resume_mode_prints_the_ratio(tmp_path: Path, capsys: pytest.
                  "--workdir", str(tmp_path / "work")]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^resume at batch 3 of 6 \(p = 12 samples\), 2 workers", out, re.M), out
-    for row in ("process p samples (fresh loader)", "first batch, fresh loader", "first batch, resumed at p"):
-        assert re.search(rf"^{re.escape(row)}\s+\d+\.\d+ s", out, re.M), out
-    assert re.search(r"^resume cost / processing p = [\d.]+ % \((met|missed); target <= 5 %\); "
-                     r"resumed batch bit-identical: yes$", out, re.M), out
+    for row in ("process p samples (fresh loader)", "first batch, fresh loader", "first batch, resumed at p",
+                "resume cost (resumed - fresh)"):
+        for unit in ("CPU-s", "s"):
+            assert re.search(rf"^{re.escape(f'{row}, {unit}')}\s+-?\d+\.\d+   -?\d+\.\d+$", out, re.M), out
+    for kind in ("CPU time", "wall time"):
+        assert re.search(rf"^resume cost / processing p \({kind}\) = -?[\d.]+ % \((met|missed); target <= 5 %\)$",
+                         out, re.M), out
+    assert "resumed batch bit-identical to the uninterrupted pass: yes" in out
