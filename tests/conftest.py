@@ -116,7 +116,8 @@ def one_rank():
     import torch
     import torch.distributed as dist
 
-    from asnn_dist.bench.common import close_local_group, free_port
+    from asnn_dist.bench.common import close_local_group
+    from asnn_dist.testing.services import free_port
 
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")

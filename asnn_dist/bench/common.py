@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import statistics
 import sys
 import threading
 import time
 from typing import Iterable, Sequence
 
+from asnn_dist.testing.services import free_port
+
 MIB = float(2**20)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (for MASTER_PORT)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def median(values: Iterable[float]) -> float:

@@ -61,7 +61,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
-from asnn_dist.bench.common import MIB, format_table, free_port, quiet_libraries
+from asnn_dist.bench.common import MIB, format_table, quiet_libraries
+from asnn_dist.testing.services import free_port
 
 CATEGORIES = ("params", "grads", "master", "optim", "buffers", "other")
 MODEL_STATE = ("params", "grads", "master", "optim")

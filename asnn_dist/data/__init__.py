@@ -38,7 +38,6 @@ _EXPORTS = {
     "mix_batch": "mixing",
     "soft_target_cross_entropy": "mixing",
     "Sample": "writer",
-    "write_shards": "writer",
     "register_webdataset_scheme": "s3",
 }
 
@@ -67,7 +66,6 @@ __all__ = [
     "soft_target_cross_entropy",
     "verify_shards",
     "write_manifest",
-    "write_shards",
 ]
 
 
@@ -103,4 +101,4 @@ if TYPE_CHECKING:
     from asnn_dist.data.s3 import register_webdataset_scheme
     from asnn_dist.data.sources import build_digits_shards, digits_splits
     from asnn_dist.data.transforms import ImageTransform, decode_image
-    from asnn_dist.data.writer import Sample, write_shards
+    from asnn_dist.data.writer import Sample

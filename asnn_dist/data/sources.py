@@ -14,10 +14,10 @@ import numpy as np
 from PIL import Image
 
 from asnn_dist.data.build import BuildResult, build_split
-from asnn_dist.data.buildplan import Entry, InlineSource
+from asnn_dist.data.buildplan import InlineSource
 from asnn_dist.data.errors import DataError
 from asnn_dist.data.manifest import ImageInfo, Manifest
-from asnn_dist.data.writer import Sample
+from asnn_dist.data.writer import Sample, inline_entries
 
 DIGITS_CLASSES = [str(d) for d in range(10)]
 DIGITS_IMAGE = ImageInfo(channels=1, height=8, width=8, ext="png")
@@ -93,7 +93,7 @@ def build_digits(
     return {
         split: build_split(
             InlineSource(),
-            [Entry(key=s.key, label=s.label, ref=s.data, size=len(s.data)) for s in splits[split]],
+            inline_entries(splits[split]),
             out_dir, split, DIGITS_CLASSES, DIGITS_IMAGE,
             samples_per_shard=per_shard, shard_bytes=shard_bytes, workers=workers,
             shuffle=False, seed=seed, params=params, progress=progress,

@@ -18,9 +18,11 @@ from typing import Iterator, Optional
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now (servers, MASTER_PORT); the
+    one helper for it (tests, benchmarks and the test cluster all take a port from here)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def wait_http(url: str, timeout_s: float, proc: Optional[subprocess.Popen] = None) -> None:

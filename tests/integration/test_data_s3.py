@@ -18,15 +18,15 @@ from PIL import Image
 
 from asnn_dist.data import s3, storage
 from asnn_dist.data.build import build_split
-from asnn_dist.data.buildplan import Entry, plan_shards
+from asnn_dist.data.buildplan import InlineSource, plan_shards
 from asnn_dist.data.builders import build_synthetic_shards
 from asnn_dist.data.cli_shards import main as shards_main
 from asnn_dist.data.errors import DataError, UnreachableError
 from asnn_dist.data.loader import ShardLoader
 from asnn_dist.data.manifest import ImageInfo, Manifest, load_manifest, verify_shards
-from asnn_dist.data.synthetic import SyntheticSource
-from asnn_dist.data.writer import Sample, write_shards
+from asnn_dist.data.writer import Sample, inline_entries
 from asnn_dist.testing.services import free_port, moto_s3_server
+from asnn_dist.testing.sources import InterruptingSource, replace_member
 
 pytestmark = pytest.mark.integration
 BUCKET = "asnn-data-test"
@@ -104,11 +104,17 @@ def jpeg(seed: int) -> bytes:
     return buf.getvalue()
 
 
+def _inline_shards(samples: list[Sample], out: str, classes: list[str], info: ImageInfo) -> Manifest:
+    """Shards of 4 samples each, in the given order, through the shard builder."""
+    return build_split(InlineSource(), inline_entries(samples), out, "train", classes, info,
+                       samples_per_shard=4, shuffle=False, progress=False).manifest
+
+
 def test_corrupt_jpeg_and_truncated_tar_are_skipped_and_counted(endpoint: str) -> None:
     samples = [Sample(f"s{i:02d}", jpeg(i), "jpg", i % 2) for i in range(16)]
-    samples[3] = Sample("s03", jpeg(3)[:150], "jpg", 1)  # corrupt JPEG
     info = ImageInfo(channels=3, height=20, width=20, ext="jpg")
-    manifest = write_shards(samples, f"s3://{BUCKET}/corrupt", "train", ["a", "b"], 4, info, progress=False)
+    manifest = _inline_shards(samples, f"s3://{BUCKET}/corrupt", ["a", "b"], info)
+    replace_member(manifest.shard_urls()[0], "s03.jpg", jpeg(3)[:150])  # corrupt JPEG
     last = manifest.shard_urls()[3]
     with storage.open_read(last) as f:
         whole = f.read()
@@ -126,7 +132,7 @@ def test_missing_shard_bucket_and_endpoint_errors(synthetic: Manifest) -> None:
     url = f"s3://{BUCKET}/gone/train-000001.tar"
     samples = [Sample(f"g{i}", jpeg(i), "jpg", 0) for i in range(8)]
     info = ImageInfo(channels=3, height=20, width=20, ext="jpg")
-    manifest = write_shards(samples, f"s3://{BUCKET}/gone", "train", ["a"], 4, info, progress=False)
+    manifest = _inline_shards(samples, f"s3://{BUCKET}/gone", ["a"], info)
     storage.remove(url)
     with pytest.raises(DataError) as exc:
         list(ShardLoader(manifest, batch_size=4, num_workers=2, train=False, recipe="cifar"))
@@ -146,18 +152,9 @@ def test_missing_shard_bucket_and_endpoint_errors(synthetic: Manifest) -> None:
         s3.configure(saved)
 
 
-class Interrupting(SyntheticSource):
-    stop_at = -1
-
-    def read(self, entry: Entry) -> bytes:
-        if entry.ref == self.stop_at:
-            raise KeyboardInterrupt
-        return super().read(entry)
-
-
 def test_interrupted_build_to_s3_keeps_finished_shards(endpoint: str) -> None:
     out = f"s3://{BUCKET}/resume"
-    source = Interrupting(24, 16, 2)
+    source = InterruptingSource(24, 16, 2)
     entries = source.entries(20)
     source.stop_at = int(plan_shards(entries, samples_per_shard=4, seed=0)[3].entries[0].ref)
     image = ImageInfo(channels=3, height=16, width=24, ext="jpg")

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
+
+from asnn_dist.testing.services import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -32,12 +33,6 @@ SETTINGS = ["model.name=spikformer_tiny", "model.options.dim=64", "data.image_si
             "encoding.num_steps=4", "encoding.direct_steps=1", "optim.name=sgd", "optim.lr=0.1",
             "optim.micro_batch_size=4", "run.num_workers=2",
             "neuron.init_gain=1.0"]  # every path carries gradient at init (see tests/unit/test_models.py)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _train_step(stage: int, segment: int, rank: int, world: int, extra: tuple[str, ...] = ()) -> dict:
@@ -121,7 +116,7 @@ def run(report: dict, precision: str, stage: int, rank: int, world: int) -> None
 def test_time_checkpointing_matches_plain_under_zero2_and_zero3(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, report in enumerate(reports):
         assert sorted(report) == sorted(f"{p} {s} {name}" for p in PRECISIONS for s in STAGES for name in SCHEDULES)

@@ -22,6 +22,7 @@ from asnn_dist.data.errors import DataError
 from asnn_dist.data.folders import read_labels_file
 from asnn_dist.data.manifest import ImageInfo, load_manifest, verify_shards
 from asnn_dist.data.synthetic import SyntheticSource
+from asnn_dist.testing.sources import InterruptingSource
 
 CLASSES = ["n01440764", "n01443537", "n01484850"]
 
@@ -142,19 +143,8 @@ def test_labels_file_formats(tmp_path: Path) -> None:
         read_labels_file(str(path), CLASSES)
 
 
-class Interrupting(SyntheticSource):
-    """Synthetic source that 'crashes' (KeyboardInterrupt) when asked for sample ``stop_at``."""
-
-    stop_at = -1
-
-    def read(self, entry: Entry) -> bytes:
-        if entry.ref == self.stop_at:
-            raise KeyboardInterrupt
-        return super().read(entry)
-
-
 def test_interrupted_build_resumes_without_rewriting_finished_shards(tmp_path: Path) -> None:
-    source = Interrupting(24, 16, 3)
+    source = InterruptingSource(24, 16, 3)
     entries = source.entries(40)
     plan = plan_shards(entries, samples_per_shard=5, shuffle=True, seed=1)
     source.stop_at = int(plan[5].entries[2].ref)  # dies inside the 6th shard

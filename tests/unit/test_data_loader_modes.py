@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from asnn_dist.data.build import build_split
 from asnn_dist.data.builders import build_synthetic_shards
+from asnn_dist.data.buildplan import InlineSource
 from asnn_dist.data.errors import DataError
 from asnn_dist.data.loader import ShardLoader
 from asnn_dist.data.manifest import ImageInfo, Manifest
-from asnn_dist.data.writer import Sample, write_shards
+from asnn_dist.data.writer import Sample, inline_entries
+from asnn_dist.testing.sources import replace_member
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +114,12 @@ def test_corrupt_jpeg_is_skipped_and_counted(tmp_path: Path) -> None:
         return buf.getvalue()
 
     samples = [Sample(f"s{i:02d}", jpeg(i), "jpg", i % 2) for i in range(16)]
-    samples[5] = Sample("s05", jpeg(5)[:200], "jpg", 1)  # truncated JPEG
-    samples[11] = Sample("s11", b"definitely not a jpeg", "jpg", 1)
     info = ImageInfo(channels=3, height=20, width=20, ext="jpg")
-    manifest = write_shards(samples, str(tmp_path), "train", ["a", "b"], 4, info, progress=False)
+    manifest = build_split(InlineSource(), inline_entries(samples), str(tmp_path), "train", ["a", "b"], info,
+                           samples_per_shard=4, shuffle=False, progress=False).manifest
+    urls = manifest.shard_urls()
+    replace_member(urls[1], "s05.jpg", jpeg(5)[:200])  # truncated JPEG
+    replace_member(urls[2], "s11.jpg", b"definitely not a jpeg")
     for recipe in ("imagenet", "cifar"):
         loader = ShardLoader(manifest, batch_size=4, num_workers=2, train=False, recipe=recipe,
                              image_size=16)

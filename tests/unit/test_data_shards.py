@@ -16,11 +16,13 @@ import torch
 from PIL import Image
 
 from asnn_dist.data import storage
+from asnn_dist.data.build import build_split
+from asnn_dist.data.buildplan import InlineSource, balanced_sizes
 from asnn_dist.data.errors import DataError
 from asnn_dist.data.manifest import ImageInfo, load_manifest, manifest_url, verify_shards
 from asnn_dist.data.sources import build_digits_shards, digits_splits, encode_png
 from asnn_dist.data.transforms import ImageTransform, decode_image, random_translate, resize_square
-from asnn_dist.data.writer import Sample, balanced_sizes, write_shards
+from asnn_dist.data.writer import Sample, inline_entries
 
 
 @pytest.fixture(scope="module")
@@ -118,26 +120,19 @@ def _tiny_samples(n: int) -> list[Sample]:
     return [Sample(key=f"s{i:03d}", data=img, ext="png", label=i % 2) for i in range(n)]
 
 
-def test_write_shards_balances_and_checks(tmp_path: Path) -> None:
+def test_inline_samples_build_balanced_shards_and_leave_bad_labels_out(tmp_path: Path) -> None:
+    """In-memory samples go through the one shard builder (``build_split``)."""
     info = ImageInfo(channels=1, height=4, width=4, ext="png")
-    manifest = write_shards(_tiny_samples(10), str(tmp_path), "val", ["a", "b"], 4, info, progress=False)
+
+    def build(samples: list[Sample], out: Path, classes: list[str]):
+        return build_split(InlineSource(), inline_entries(samples), str(out), "x", classes, info,
+                           samples_per_shard=4, shuffle=False, progress=False).manifest
+
+    manifest = build(_tiny_samples(10), tmp_path / "ok", ["a", "b"])
     assert [s.num_samples for s in manifest.shards] == [4, 3, 3]
     assert balanced_sizes(1437, 64) == [63] * 11 + [62] * 12
-    # A generator with an explicit total is balanced too; without one the last shard is short.
-    m = write_shards(iter(_tiny_samples(9)), str(tmp_path / "g"), "x", ["a", "b"], 4, info,
-                     progress=False, total=9)
-    assert [s.num_samples for s in m.shards] == [3, 3, 3]
-    m = write_shards(iter(_tiny_samples(9)), str(tmp_path / "u"), "x", ["a", "b"], 4, info, progress=False)
-    assert [s.num_samples for s in m.shards] == [4, 4, 1]
-    bad = [Sample(key="a.b", data=b"", ext="png", label=0)]
-    with pytest.raises(DataError, match="tar member name"):
-        write_shards(bad, str(tmp_path / "bad"), "x", ["a"], 4, info, progress=False)
-    with pytest.raises(DataError, match="label 5"):
-        write_shards([Sample("k", b"", "png", 5)], str(tmp_path / "bad"), "x", ["a"], 4, info, progress=False)
-    assert not (tmp_path / "bad" / "x.manifest.json").exists()
-    with pytest.raises(DataError, match="expected 12 samples"):
-        write_shards(iter(_tiny_samples(9)), str(tmp_path / "t"), "x", ["a", "b"], 4, info,
-                     progress=False, total=12)
+    bad = build([*_tiny_samples(3), Sample("k", _tiny_samples(1)[0].data, "png", 5)], tmp_path / "bad", ["a", "b"])
+    assert bad.num_samples == 3 and any("label 5 outside 0..1" in line for line in bad.skipped)
 
 
 def test_load_manifest_errors_name_the_file(tmp_path: Path) -> None:

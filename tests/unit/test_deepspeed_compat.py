@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from asnn_dist.bench import zero as bench_zero
-from asnn_dist.bench.common import free_port
+from asnn_dist.testing.services import free_port
 from asnn_dist.train import deepspeed_compat as compat
 
 
