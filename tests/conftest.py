@@ -112,7 +112,10 @@ def ray_cluster(s3_endpoint, mlflow_http):
 
 @pytest.fixture(scope="module")
 def one_rank():
-    """A one-rank gloo process group in this process (real DeepSpeed engines and collectives)."""
+    """A one-rank gloo process group in this process (real DeepSpeed engines and collectives).
+
+    A group an earlier test left behind (tests run one after another, so nothing uses it any
+    more) is removed first: these tests always run, whatever ran before them."""
     import torch
     import torch.distributed as dist
 
@@ -120,7 +123,7 @@ def one_rank():
     from asnn_dist.testing.services import free_port
 
     if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
+        close_local_group()
     keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "DS_ACCELERATOR")
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",

@@ -258,22 +258,29 @@ def _block_child() -> None:
 
 
 # ---- the Ray side ---------------------------------------------------------------------------
+def bench_ray_init_kwargs(cfg: "ExperimentConfig", env: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """``init_ray``'s local instance, so the Ray side measures what ``asnn-dist train`` runs:
+    the same keywords, except that the workers' logs stay out of the report, at least 2 CPUs,
+    and ``env`` added to the workers' environment."""
+    from asnn_dist.train.ray_setup import local_ray_init_kwargs
+
+    kwargs = local_ray_init_kwargs(cfg, log_to_driver=False)
+    kwargs["num_cpus"] = max(kwargs["num_cpus"], 2)
+    kwargs["runtime_env"]["env_vars"].update(env or {})
+    return kwargs
+
+
 def run_ray(cfg: "ExperimentConfig", env: Optional[dict[str, str]] = None) -> SideResult:
     """``run_training`` with one worker; per-epoch rates and log times read back from MLflow."""
     import ray
     from mlflow.tracking import MlflowClient
 
     from asnn_dist.train.launcher import run_training
-    from asnn_dist.train.ray_setup import local_ray_init_kwargs
 
     started_here = not ray.is_initialized()
     t0 = time.perf_counter()
     if started_here and not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")):
-        # init_ray's local instance, without forwarding the workers' logs into the report
-        kwargs = local_ray_init_kwargs(cfg, log_to_driver=False)
-        kwargs["num_cpus"] = max(kwargs["num_cpus"], 2)
-        kwargs["runtime_env"]["env_vars"].update(env or {})
-        ray.init(**kwargs)
+        ray.init(**bench_ray_init_kwargs(cfg, env))
     try:
         # 1 s samples: at 0.2 s the sampler itself took ~2.6% of a core from the run it measures
         # (~0.6% at 1 s); CPU use is steady within an epoch, so interpolation stays accurate.

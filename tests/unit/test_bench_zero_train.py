@@ -86,11 +86,3 @@ def test_bench_train_tiny(tmp_path) -> None:
     text = bench_train.format_report(rep)
     assert "overhead vs plain" in text and "MLflow log_metrics" in text
     assert not dist.is_initialized()  # the benchmark's local process group is gone
-
-
-@pytest.mark.parametrize("module", [bench_zero, bench_train])
-def test_help(module, capsys) -> None:
-    with pytest.raises(SystemExit) as exc:
-        module.main(["--help"])
-    assert exc.value.code == 0
-    assert "usage" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import pytest
 from ray.runtime_env.runtime_env import _merge_runtime_env
 
 from asnn_dist.config import load_config
-from asnn_dist.train.ray_setup import LOCAL_RAY_SYSTEM_CONFIG, WORKER_ENV, local_ray_init_kwargs, ray_init_kwargs
+from asnn_dist.train.ray_setup import LOCAL_RAY_SYSTEM_CONFIG, WORKER_ENV, ray_init_kwargs
 
 CLEAN: dict[str, str] = {}
 
@@ -80,9 +80,20 @@ def test_the_old_runtime_env_conflicted_with_a_job_setting_pythonwarnings() -> N
     assert _merge_runtime_env(job_env, ray_init_kwargs(load_config(None, []), _job_environ(job_env))["runtime_env"])
 
 
-def test_bench_train_starts_the_same_local_instance() -> None:
+def test_bench_train_starts_the_launchers_local_instance(monkeypatch) -> None:
+    """``bench train``'s Ray side against what ``asnn-dist train`` passes to ``ray.init``:
+    only the log forwarding, the CPU floor and the added worker env may differ."""
+    from asnn_dist.bench.train import bench_ray_init_kwargs
+
+    for key in LOCAL_RAY_SYSTEM_CONFIG:
+        monkeypatch.delenv(f"RAY_{key}", raising=False)
     cfg = load_config(None, ["run.num_workers=1"])
-    kw = local_ray_init_kwargs(cfg, log_to_driver=False)
-    assert kw["log_to_driver"] is False
-    assert {k: v for k, v in kw.items() if k != "log_to_driver"} == \
-        {k: v for k, v in local_ray_init_kwargs(cfg).items() if k != "log_to_driver"}
+    launcher = ray_init_kwargs(cfg, CLEAN)
+    bench = bench_ray_init_kwargs(cfg, {"BENCH_ONLY": "1"})
+    assert launcher["log_to_driver"] is True and bench["log_to_driver"] is False
+    assert bench["num_cpus"] == max(launcher["num_cpus"], 2)
+    assert bench["runtime_env"] == {"env_vars": {**launcher["runtime_env"]["env_vars"], "BENCH_ONLY": "1"}}
+    assert launcher["runtime_env"]["env_vars"]["DS_ACCELERATOR"] == "cpu"
+    rest = ("log_to_driver", "num_cpus", "runtime_env")
+    assert {k: v for k, v in bench.items() if k not in rest} == {k: v for k, v in launcher.items() if k not in rest}
+    assert bench["_system_config"] == LOCAL_RAY_SYSTEM_CONFIG

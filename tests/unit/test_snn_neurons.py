@@ -171,24 +171,3 @@ def test_float32_module_and_repr() -> None:
     out = n(torch.randn(4, 2, 3))
     assert out.dtype == torch.float32 and set(out.unique().tolist()) <= {0.0, 1.0}
     assert "threshold=0.5" in repr(n) and "alpha=3.0" in repr(n)
-
-
-@pytest.mark.parametrize("backend", ["fused", "loop"])
-def test_lif_matches_spikingjelly_when_installed(backend: str) -> None:
-    sj = pytest.importorskip("spikingjelly.activation_based.neuron")
-    sj_surrogate = pytest.importorskip("spikingjelly.activation_based.surrogate")
-    x = _input(6)
-    w = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(2))
-    for kw in (dict(), dict(v_reset=None), dict(decay_input=False, v_reset=-0.3, tau=3.0)):
-        node = sj.LIFNode(
-            tau=kw.get("tau", 2.0), decay_input=kw.get("decay_input", True),
-            v_reset=kw.get("v_reset", 0.0), surrogate_function=sj_surrogate.Sigmoid(alpha=4.0),
-            step_mode="m",
-        )
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ref = node(xa)
-        out = LIF(backend=backend, **kw)(xb)
-        torch.testing.assert_close(out, ref, rtol=0, atol=0)
-        (ga,) = torch.autograd.grad((ref * w).sum(), xa)
-        (gb,) = torch.autograd.grad((out * w).sum(), xb)
-        torch.testing.assert_close(gb, ga, rtol=0, atol=1e-12)
