@@ -1,6 +1,8 @@
 """Failures a cluster job meets: a worker process killed mid-run, a whole job stopped and
 started again. Both must end with exactly the weights of an uninterrupted run (CPU,
-deterministic settings): no optimizer step lost, none repeated."""
+deterministic settings): no optimizer step lost, none repeated. The runs draw randomness
+everywhere a real one can (augmentation in 2 loader workers per rank, a rate code), so the
+resumed loader position and the per-rank, position-seeded streams are checked too."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def overrides(workdir: Path, shards: str, run_name: str, **extra: str) -> list[s
         "optim.epochs": str(EPOCHS), "optim.micro_batch_size": str(MICRO), "optim.lr": "0.01",
         "checkpoint.every_steps": "20", "run.name": run_name, "run.progress": "false",
         "run.spike_stats": "false", "tracking.registered_model": "null",
+        "data.augment": "true", "data.num_workers": "2", "encoding.scheme": "rate",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -165,5 +168,5 @@ def test_zero_stages_0_and_3_train_two_workers_like_zero2(tmp_path, digits_shard
     name = f"zero{stage}"
     out = run_training(load_config(None, overrides(tmp_path, digits_shards, name, **{"engine.zero_stage": str(stage)})))
     assert out.metrics["global_step"] == total_steps(digits_shards)
-    assert out.metrics["val_top1"] > 0.5
+    assert out.metrics["val_top1"] > 0.3  # rate-coded and augmented, 2 epochs: well above chance (0.1)
     assert_bitwise_equal(final_weights(tmp_path / "ray_results", name), reference)
