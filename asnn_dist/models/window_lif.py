@@ -127,12 +127,18 @@ def _flat(t: Tensor) -> Tensor:
     return t.view(t.shape[0], -1)
 
 
+def _outputs(ctx: Any, x: Tensor, v0: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The kernels' gradient buffers for x and v0 (None where autograd needs none)."""
+    need_x, need_v0 = ctx.needs_input_grad[:2]
+    return (torch.empty_like(x) if need_x else None,
+            torch.empty_like(v0) if v0 is not None and need_v0 else None)
+
+
 def _native_backward(ctx: Any, x: Tensor, v0: Optional[Tensor], g_s: Tensor,
                      g_last: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     index, lk, gn, thr, surrogate, hard, detach, leak_shape, gain_shape, p_dtype = ctx.consts
-    need_x, need_v0, need_leak, need_gain = ctx.needs_input_grad[:4]
-    gx = torch.empty_like(x) if need_x else None
-    gv0 = torch.empty_like(v0) if v0 is not None and need_v0 else None
+    need_leak, need_gain = ctx.needs_input_grad[2:4]
+    gx, gv0 = _outputs(ctx, x, v0)
     acc = native.backward(
         _flat(x), None if v0 is None else v0.view(-1), _flat(g_s.contiguous()),
         None if g_last is None else g_last.contiguous().view(-1), lk, gn, thr, hard, detach, surrogate,
@@ -155,9 +161,8 @@ def _window(p: Tensor, t0: int, steps: int) -> Tensor:
 def _triton_backward(ctx: Any, x: Tensor, v0: Optional[Tensor], g_s: Tensor,
                      g_last: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     index, lk, gn, thr, surrogate, hard, detach, leak_shape, gain_shape, p_dtype = ctx.consts
-    need_x, need_v0, need_leak, need_gain = ctx.needs_input_grad[:4]
-    gx = torch.empty_like(x) if need_x else None
-    gv0 = torch.empty_like(v0) if v0 is not None and need_v0 else None
+    need_leak, need_gain = ctx.needs_input_grad[2:4]
+    gx, gv0 = _outputs(ctx, x, v0)
     d_leak, d_gain, _ = backends.triton_lif().backward(
         _flat(x), _flat(g_s.contiguous()), None if gx is None else _flat(gx), lk, gn, thr, hard, detach, surrogate,
         v0=None if v0 is None else v0.view(-1), g_last=None if g_last is None else g_last.contiguous().view(-1),
