@@ -13,6 +13,8 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from asnn_dist.registry import MODELS
+
 
 class Section(BaseModel):
     """Base for config sections: strict keys, validated assignment."""
@@ -116,10 +118,7 @@ class ModelConfig(Section):
     @field_validator("name")
     @classmethod
     def _registered(cls, name: str) -> str:
-        from asnn_dist.registry import MODELS, _load_builtin
-
-        _load_builtin()
-        if name not in MODELS:
+        if name not in MODELS:  # declared names: no model module (and no torch) is imported
             raise ValueError(MODELS.unknown_message(name))
         return name
 
@@ -128,9 +127,6 @@ class ModelConfig(Section):
     def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         """Every key must be a keyword of the model's factory that no other field already sets,
         so a typo fails at ``config check`` instead of deep inside model construction."""
-        from asnn_dist.registry import MODELS, _load_builtin
-
-        _load_builtin()  # a default name is not validated, so the registry may still be empty
         name = info.data.get("name")
         keywords = MODELS.keywords(name) if name in MODELS else None
         if keywords is None:

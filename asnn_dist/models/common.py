@@ -139,6 +139,7 @@ class HybridStem(nn.Module):
 class SpikingClassifier(nn.Module, abc.ABC):
     """encoder -> body (on [T, B, ...]) -> per-step logits -> learned per-step readout.
 
+    ``neuron``: options of every spiking layer (``neuron_factory``).
     ``forward`` maps images [B, C, H, W] in [0, 1] to logits [B, K], so a registered model is
     self-contained (the encoder is part of it); ``forward_steps`` returns [T, B, K] for anytime
     accuracy. ``time_segment`` k > 0 checkpoints the body every k steps while gradients are
@@ -149,10 +150,12 @@ class SpikingClassifier(nn.Module, abc.ABC):
     """
 
     def __init__(
-        self, encoding: Optional[dict[str, Any]], learnable_readout: bool = True,
-        time_segment: int = 0, pack_spikes: bool = True, time_levels: int = 2,
-        time_states: Optional[int] = None,
+        self, *, encoding: Optional[dict[str, Any]] = None, neuron: Optional[dict[str, Any]] = None,
+        learnable_readout: bool = True, time_segment: int = 0, time_levels: int = 2,
+        time_states: Optional[int] = None, pack_spikes: bool = True,
     ) -> None:
+        # Families take these as ``**options`` and pass them here, so the list lives once
+        # (and once more, for configs, in models/__init__.py's CLASSIFIER_KEYWORDS).
         super().__init__()
         if isinstance(time_segment, bool) or not isinstance(time_segment, int) or time_segment < 0:
             raise ValueError(f"time_segment must be an integer >= 0 (0 = off), got {time_segment!r}")
@@ -166,6 +169,11 @@ class SpikingClassifier(nn.Module, abc.ABC):
         self.time_levels = time_levels
         self.time_states = time_states
         self.pack_spikes = bool(pack_spikes)
+        self.neuron_options = dict(neuron or {})
+
+    def neuron_factory(self) -> NeuronFactory:
+        """Makes this model's spiking layers: the ``neuron`` options at its T steps."""
+        return neuron_factory(self.num_steps, self.neuron_options)
 
     @abc.abstractmethod
     def forward_body(self, x_seq: torch.Tensor) -> torch.Tensor:

@@ -6,16 +6,13 @@ BN and spiking, linear to classes, per-step readout scale.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
-from asnn_dist.models.common import (
-    HybridStem, SpikeClassifierHead, SpikingClassifier, conv_bn, neuron_factory, seq,
-)
+from asnn_dist.models.common import HybridStem, SpikeClassifierHead, SpikingClassifier, conv_bn, seq
 from asnn_dist.models.lean import SpikeLinear, SpikeMaxPool2d
 from asnn_dist.models.step_norm import StepBatchNorm
-from asnn_dist.registry import MODELS
 
 
 class LeNetASNN(SpikingClassifier):
@@ -26,19 +23,13 @@ class LeNetASNN(SpikingClassifier):
         image_size: int = 32,
         widths: Sequence[int] = (32, 48, 64),
         hidden: int = 256,
-        encoding: Optional[dict[str, Any]] = None,
-        neuron: Optional[dict[str, Any]] = None,
-        learnable_readout: bool = True,
-        time_segment: int = 0,
-        time_levels: int = 2,
-        time_states: Optional[int] = None,
-        pack_spikes: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(encoding, learnable_readout, time_segment, pack_spikes, time_levels, time_states)
+        super().__init__(**options)  # encoding, neuron, readout, execution: SpikingClassifier's
         if image_size % 8:
             raise ValueError(f"image_size must be a multiple of 8 (three 2x2 pools), got {image_size}")
         T = self.num_steps
-        make_neuron = neuron_factory(T, neuron)
+        make_neuron = self.neuron_factory()
         self.stem = HybridStem(
             lambda: conv_bn(in_channels, widths[0], T, spike_input=False), self.direct_steps, T
         )
@@ -54,17 +45,6 @@ class LeNetASNN(SpikingClassifier):
         ]
         self.body = nn.Sequential(*layers)
 
-    def forward_body(self, x_seq):  # type: ignore[override]
+    def forward_body(self, x_seq: Tensor) -> Tensor:  # type: ignore[override]
         return self.body(self.stem(x_seq))
 
-
-@MODELS.register("lenet_asnn")
-def lenet_asnn(**kwargs: Any) -> LeNetASNN:
-    return LeNetASNN(**kwargs)
-
-
-@MODELS.register("lenet_asnn_tiny", tags=("tiny",))
-def lenet_asnn_tiny(**kwargs: Any) -> LeNetASNN:
-    kwargs.setdefault("widths", (4, 8, 8))
-    kwargs.setdefault("hidden", 16)
-    return LeNetASNN(**kwargs)

@@ -20,19 +20,16 @@ conv is one matrix multiply.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from torch import Tensor, nn
 
+from asnn_dist.models import CIFAR_POOLS
 from asnn_dist.models.common import (
-    ClassifierHead, HybridStem, NeuronFactory, SpikingClassifier, conv_bn, neuron_factory, seq,
+    ClassifierHead, HybridStem, NeuronFactory, SpikingClassifier, conv_bn, seq,
 )
 from asnn_dist.models.lean import SpikeLinear, SpikeMaxPool2d, spike_attention
 from asnn_dist.models.step_norm import StepBatchNorm
-from asnn_dist.registry import MODELS
-
-CIFAR_POOLS = (False, False, True, True)
-IMAGENET_POOLS = (True, True, True, True)
 
 
 class LinearBN(nn.Module):
@@ -129,15 +126,9 @@ class Spikformer(SpikingClassifier):
         heads: int = 12,
         mlp_ratio: float = 4.0,
         pools: Sequence[bool] = CIFAR_POOLS,
-        encoding: Optional[dict[str, Any]] = None,
-        neuron: Optional[dict[str, Any]] = None,
-        learnable_readout: bool = True,
-        time_segment: int = 0,
-        time_levels: int = 2,
-        time_states: Optional[int] = None,
-        pack_spikes: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(encoding, learnable_readout, time_segment, pack_spikes, time_levels, time_states)
+        super().__init__(**options)  # encoding, neuron, readout, execution: SpikingClassifier's
         if len(pools) != 4:
             raise ValueError(f"pools needs 4 flags (one per SPS conv), got {list(pools)}")
         if dim % 8:
@@ -146,7 +137,7 @@ class Spikformer(SpikingClassifier):
         if image_size % factor:
             raise ValueError(f"image_size must be a multiple of {factor} ({sum(pools)} stride-2 pools), got {image_size}")
         T = self.num_steps
-        make_neuron = neuron_factory(T, neuron)
+        make_neuron = self.neuron_factory()
         self.sps = SpikingPatchSplitting(in_channels, dim, pools, make_neuron, T, self.direct_steps)
         self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio, make_neuron, T) for _ in range(depth)))
         self.head = ClassifierHead(dim, num_classes)
@@ -164,18 +155,3 @@ def _init_weights(m: nn.Module) -> None:
         if m.bias is not None:
             nn.init.zeros_(m.bias)
 
-
-def _register(name: str, tags: tuple[str, ...] = (), **defaults: Any) -> None:
-    def factory(**kwargs: Any) -> Spikformer:
-        return Spikformer(**{**defaults, **kwargs})
-
-    factory.__name__ = name
-    factory.__doc__ = f"Spikformer {name}: defaults {defaults}"
-    MODELS.register(name, tags=tags)(factory)
-
-
-_register("spikformer_4_384", dim=384, depth=4, heads=12, image_size=32, num_classes=10, pools=CIFAR_POOLS)
-_register("spikformer_8_384", dim=384, depth=8, heads=12, image_size=224, num_classes=1000, pools=IMAGENET_POOLS)
-_register("spikformer_8_512", dim=512, depth=8, heads=8, image_size=224, num_classes=1000, pools=IMAGENET_POOLS)
-_register("spikformer_8_768", dim=768, depth=8, heads=12, image_size=224, num_classes=1000, pools=IMAGENET_POOLS)
-_register("spikformer_tiny", tags=("tiny",), dim=32, depth=1, heads=2, image_size=16, num_classes=10, pools=CIFAR_POOLS)

@@ -18,10 +18,9 @@ from typing import Any, Optional, Sequence
 from torch import Tensor, nn
 
 from asnn_dist.models.common import (
-    ClassifierHead, HybridStem, NeuronFactory, SpikingClassifier, conv_bn, neuron_factory, seq,
+    ClassifierHead, HybridStem, NeuronFactory, SpikingClassifier, conv_bn, seq,
 )
 from asnn_dist.models.lean import SpikeMaxPool2d
-from asnn_dist.registry import MODELS
 
 STEMS = ("imagenet", "cifar")
 
@@ -59,15 +58,9 @@ class SpikingResNet(SpikingClassifier):
         widths: Sequence[int] = (64, 128, 256, 512),
         sew: bool = True,
         stem: str = "imagenet",
-        encoding: Optional[dict[str, Any]] = None,
-        neuron: Optional[dict[str, Any]] = None,
-        learnable_readout: bool = True,
-        time_segment: int = 0,
-        time_levels: int = 2,
-        time_states: Optional[int] = None,
-        pack_spikes: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(encoding, learnable_readout, time_segment, pack_spikes, time_levels, time_states)
+        super().__init__(**options)  # encoding, neuron, readout, execution: SpikingClassifier's
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {list(STEMS)}, got {stem!r}")
         if len(layers) != len(widths) or not layers:
@@ -76,7 +69,7 @@ class SpikingResNet(SpikingClassifier):
         if image_size < minimum:
             raise ValueError(f"image_size must be >= {minimum} for this stem and depth, got {image_size}")
         T = self.num_steps
-        make_neuron = neuron_factory(T, neuron)
+        make_neuron = self.neuron_factory()
         imagenet = stem == "imagenet"
         self.stem = HybridStem(
             lambda: conv_bn(in_channels, widths[0], T, kernel=7 if imagenet else 3, stride=2 if imagenet else 1,
@@ -101,20 +94,3 @@ class SpikingResNet(SpikingClassifier):
     def forward_body(self, x_seq: Tensor) -> Tensor:  # type: ignore[override]
         return self.head(self.body(self.stem(x_seq)))
 
-
-def _register(name: str, tags: tuple[str, ...] = (), **defaults: Any) -> None:
-    def factory(**kwargs: Any) -> SpikingResNet:
-        return SpikingResNet(**{**defaults, **kwargs})
-
-    factory.__name__ = name
-    factory.__doc__ = f"{name}: defaults {defaults}"
-    MODELS.register(name, tags=tags)(factory)
-
-
-DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
-for _sew, _family in ((False, "spiking_resnet"), (True, "sew_resnet")):
-    for _depth, _layers in DEPTHS.items():
-        _register(f"{_family}{_depth}", layers=_layers, sew=_sew, stem="imagenet", image_size=224, num_classes=1000)
-        _register(f"{_family}{_depth}_cifar", layers=_layers, sew=_sew, stem="cifar", image_size=32, num_classes=10)
-    _register(f"{_family}_tiny", tags=("tiny",), layers=(1, 1), widths=(4, 8), sew=_sew, stem="cifar",
-              image_size=16, num_classes=10)
