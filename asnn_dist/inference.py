@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from asnn_dist.errors import UserError
+from asnn_dist.models.build import attach_metadata, input_spec, model_from_checkpoint
 
 
 @dataclass
@@ -41,21 +42,6 @@ def resolve_device(name: Optional[str] = None) -> torch.device:
     return device
 
 
-def input_spec(model: nn.Module) -> tuple[int, int]:
-    """(channels, side) the model was trained on, read from its stem."""
-    spec = getattr(model, "input_spec", None)
-    if spec:
-        return int(spec["channels"]), int(spec["image_size"])
-    raise UserError("the model carries no input_spec; retrain or load it from a checkpoint folder")
-
-
-def attach_metadata(model: nn.Module, in_channels: int, image_size: int, class_names: list[str]) -> nn.Module:
-    """Plain attributes pickled with the module, so a registry model is self-describing."""
-    model.input_spec = {"channels": in_channels, "image_size": image_size}
-    model.class_names = list(class_names)
-    return model
-
-
 def load_model(source: str, tracking_uri: Optional[str] = None, device: Optional[str] = None) -> LoadedModel:
     """``models:/NAME@ALIAS``, ``runs:/...`` or a checkpoint folder holding model.pt, on
     ``device`` (``resolve_device``)."""
@@ -76,15 +62,13 @@ def load_model(source: str, tracking_uri: Optional[str] = None, device: Optional
 
 
 def _load_checkpoint_folder(folder: str) -> nn.Module:
-    from asnn_dist.registry import create_model
     from asnn_dist.train.checkpointing import MODEL_FILE, load_final_model
 
     if not Path(folder, MODEL_FILE).is_file():
         raise UserError(f"{folder}: no {MODEL_FILE}; pass the final checkpoint folder of a run "
                         "(<storage>/<run>/checkpoint_*/) or a models:/NAME@ALIAS URI")
     state_dict, meta = load_final_model(folder)
-    model = create_model(meta["model"], **meta["kwargs"])
-    model.load_state_dict(state_dict)
+    model = model_from_checkpoint(state_dict, meta)
     kw = meta["kwargs"]
     return attach_metadata(model, kw.get("in_channels", 3), kw.get("image_size", 32), meta.get("classes", []))
 

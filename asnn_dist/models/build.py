@@ -1,11 +1,17 @@
-"""Translate an ExperimentConfig into a model (the only place models meet the config)."""
+"""Translate an ExperimentConfig into a model, and a run's final checkpoint back into the
+trained model (the only places models meet the config and the checkpoint metadata).
+
+Why here: training registers the model it rebuilds and inference loads it the same way, so
+both import this module instead of each other.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from asnn_dist.errors import UserError
 from asnn_dist.registry import create_model
 
 if TYPE_CHECKING:
@@ -30,3 +36,26 @@ def model_kwargs(cfg: "ExperimentConfig") -> dict:
 
 def model_from_config(cfg: "ExperimentConfig") -> nn.Module:
     return create_model(cfg.model.name, **model_kwargs(cfg))
+
+
+def model_from_checkpoint(state_dict: dict[str, Any], meta: dict[str, Any]) -> nn.Module:
+    """The trained model of a final checkpoint: ``meta`` names the registered model and its
+    keywords (``model_kwargs``), ``state_dict`` holds the consolidated weights."""
+    model = create_model(meta["model"], **meta["kwargs"])
+    model.load_state_dict(state_dict)
+    return model
+
+
+def attach_metadata(model: nn.Module, in_channels: int, image_size: int, class_names: list[str]) -> nn.Module:
+    """Plain attributes pickled with the module, so a registry model is self-describing."""
+    model.input_spec = {"channels": in_channels, "image_size": image_size}
+    model.class_names = list(class_names)
+    return model
+
+
+def input_spec(model: nn.Module) -> tuple[int, int]:
+    """(channels, side) the model was trained on, as ``attach_metadata`` recorded them."""
+    spec = getattr(model, "input_spec", None)
+    if spec:
+        return int(spec["channels"]), int(spec["image_size"])
+    raise UserError("the model carries no input_spec; retrain or load it from a checkpoint folder")

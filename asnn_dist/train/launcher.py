@@ -196,15 +196,12 @@ def register_model(cfg: ExperimentConfig, run_id: str, state_dict: dict, meta: d
     moves only if it beats the holder (``model_registry``)."""
     import torch
 
-    from asnn_dist.registry import create_model
+    from asnn_dist.data.manifest import load_manifest
+    from asnn_dist.models.build import attach_metadata, model_from_checkpoint
     from asnn_dist.tracking.model_registry import log_and_register
     from asnn_dist.tracking.plots import log_model_plots
 
-    from asnn_dist.data.manifest import load_manifest
-    from asnn_dist.inference import attach_metadata
-
-    model = create_model(meta["model"], **meta["kwargs"])
-    model.load_state_dict(state_dict)
+    model = model_from_checkpoint(state_dict, meta)
     classes = load_manifest(f"{cfg.data.root}/{cfg.data.train_split}.manifest.json").classes
     attach_metadata(model.eval(), cfg.data.in_channels, cfg.data.image_size, classes)
     if plots:
