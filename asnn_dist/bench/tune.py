@@ -35,7 +35,7 @@ def overhead(config: str, workdir: str, overrides: list[str], trials: int) -> di
     """Wall seconds per trial-epoch: N sequential training runs vs a one-at-a-time search of them."""
     from asnn_dist.train.launcher import run_training
     from asnn_dist.tune.search import run_search
-    from asnn_dist.tune.space import sample_points, trial_config
+    from asnn_dist.config.space import sample_points, trial_config
 
     stamp = int(time.time())
     cfg = _load(config, workdir, overrides, f"tune.name=bench-overhead-{stamp}", "tune.scheduler.name=fifo",

@@ -163,7 +163,7 @@ def validate_config(data: dict[str, Any], base_dir: Optional[Path] = None) -> Ex
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
     if cfg.tune is not None and cfg.tune.space:  # every key and value of the search space, up front
-        from asnn_dist.tune.space import check_space
+        from asnn_dist.config.space import check_space
 
         check_space(cfg)
     return resolve_paths(cfg, base_dir or Path.cwd())

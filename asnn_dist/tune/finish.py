@@ -39,7 +39,7 @@ def _status(trial: Any, result: Any) -> str:
 
 def collect_records(cfg: ExperimentConfig, grid: Any, children: dict[str, str]) -> list[TrialRecord]:
     """One TrialRecord per trial: point, status, last metrics, learning curve, child run id."""
-    from asnn_dist.tune.space import trial_config
+    from asnn_dist.config.space import trial_config
 
     assert cfg.tune is not None
     metric = cfg.tune.metric
@@ -74,7 +74,7 @@ def register_best(cfg: ExperimentConfig, name: str, best: TrialRecord, storage_f
 
     from asnn_dist.train.checkpointing import load_final_model
     from asnn_dist.train.launcher import register_model
-    from asnn_dist.tune.space import trial_config
+    from asnn_dist.config.space import trial_config
 
     path = best.metrics.get("checkpoint_path")
     if not path or not best.mlflow_run_id:

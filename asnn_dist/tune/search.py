@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 
 from asnn_dist.config import ExperimentConfig, dump_config
 from asnn_dist.errors import UserError
-from asnn_dist.tune.space import Domain, Sampled, parse_space, sample_points
+from asnn_dist.config.space import Domain, Sampled, parse_space, sample_points
 
 SEARCH_KIND_TAG = "asnn.kind"
 INTERRUPTED_EXIT = 130
@@ -135,7 +135,7 @@ def start_parent_run(cfg: ExperimentConfig, name: str, sampled: Sampled) -> str:
 
 
 def _flat_space(cfg: ExperimentConfig) -> dict[str, Any]:
-    from asnn_dist.tune.space import flatten_space
+    from asnn_dist.config.space import flatten_space
 
     assert cfg.tune is not None
     return flatten_space(cfg.tune.space)

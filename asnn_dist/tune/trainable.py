@@ -119,7 +119,7 @@ def run_trial(config: dict[str, Any], setup: Optional[TrialSetup] = None) -> Non
     from asnn_dist.config import ExperimentConfig
     from asnn_dist.errors import ConfigError
     from asnn_dist.train.launcher import build_trainer, finish_run, fit_trainer, save_resolved_config, start_mlflow_run
-    from asnn_dist.tune.space import parse_space, trial_config
+    from asnn_dist.config.space import parse_space, trial_config
 
     assert setup is not None
     search_cfg = ExperimentConfig.model_validate(setup.config)

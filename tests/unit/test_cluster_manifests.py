@@ -171,7 +171,7 @@ def load_search_config(path: Path, overrides: list[str]) -> Any:
     """`asnn-dist tune`: the same loader (which checks tune.space key by key), and the search
     must have at least one trial the schema allows (what the command checks before starting)."""
     from asnn_dist.config import load_config
-    from asnn_dist.tune.space import check_space
+    from asnn_dist.config.space import check_space
 
     cfg = load_config(path, overrides)
     if cfg.tune is None or not cfg.tune.space:

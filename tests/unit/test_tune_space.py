@@ -10,7 +10,7 @@ import pytest
 
 from asnn_dist.config import load_config
 from asnn_dist.errors import ConfigError
-from asnn_dist.tune.space import flatten_space, sample_points, trial_config
+from asnn_dist.config.space import flatten_space, sample_points, trial_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs" / "demo" / "digits-lenet-hybrid.yaml")
@@ -128,7 +128,7 @@ def test_concurrency_defaults_to_what_the_cluster_fits():
 def test_optuna_tpe_draws_from_the_space_and_is_seeded():
     pytest.importorskip("optuna")
     from asnn_dist.tune.search import space_and_searcher
-    from asnn_dist.tune.space import Sampled, parse_space
+    from asnn_dist.config.space import Sampled, parse_space
 
     cfg = cfg_with("encoding.num_steps={grid: [2, 4]}", "optim.lr={loguniform: [0.001, 0.01]}",
                    "neuron.adaptive=false", search__name="optuna", search__seed="7", num_samples="5")
