@@ -4,7 +4,7 @@ Why: a resumed epoch must walk its workers' streams up to the saved positions (t
 buffer's draws depend on every sample before), but it needs the bytes only of the samples it
 still decodes. Reading every consumed sample's bytes cost up to a sixth of decoding them on a
 cold disk; reading a 512-byte header per member costs about 1/50 of it. Only plain ustar
-archives of ``<key>.<ext>`` regular files (what ``TarShardWriter`` writes) with exactly the
+archives of ``[dir/]<key>.<ext>`` regular files (what ``TarShardWriter`` writes) with exactly the
 manifest's sample count are indexed; anything else (a cut archive, long names, other member
 types, S3) returns None and goes through the full reader, whose samples and reports are the
 same for such archives, so a resumed stream equals the uninterrupted one either way.
@@ -19,7 +19,7 @@ from typing import Any
 from asnn_dist.data import storage
 
 BLOCK = 512
-_NAME = re.compile(r"^([^./]+)[.]([^/]+)$")
+_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension split
 
 
 class _Shard:
@@ -101,8 +101,8 @@ def scan_shard(url: str, expected: int) -> list[dict[str, Any]] | None:
         data_at = offset + BLOCK
         offset = data_at + (size + BLOCK - 1) // BLOCK * BLOCK
         match = _NAME.match(name)
-        if offset > end or match is None or name.startswith("__"):
-            return None
+        if offset > end or match is None or "__" in name:
+            return None  # cut, or a name webdataset would skip or split otherwise
         key, ext = match.group(1), match.group(2).lower()
         if not samples or samples[-1]["__key__"] != key:
             samples.append({"__key__": key, "__url__": url})

@@ -22,6 +22,7 @@ from asnn_dist.data.manifest import Manifest
 from asnn_dist.data.ordering import ordered
 from asnn_dist.data.samples import Skipped, WorkerEnd, collate, shard_samples
 from asnn_dist.data.tarindex import materialize, scan_shard
+from asnn_dist.data.writer import TarShardWriter
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +115,18 @@ def test_resume_with_corrupt_samples_counts_each_once(shards: Manifest, tmp_path
         assert resumed.skipped_samples == full.skipped_samples
 
 
-def test_header_index_gives_the_full_readers_samples(shards: Manifest) -> None:
+def test_header_index_gives_the_full_readers_samples(shards: Manifest, tmp_path: Path) -> None:
     url = shards.shard_urls()[0]
     indexed = scan_shard(url, 5)
     assert indexed is not None and [materialize(s) for s in indexed] == list(shard_samples(url, 5))
     assert scan_shard(url, 6) is None  # another count than the manifest's: the full reader decides
+    folder_keys = str(tmp_path / "keys.tar")  # keys with a folder part, as the folder/ImageNet builders write
+    with open(folder_keys, "wb") as out, TarShardWriter(out) as writer:
+        for i in range(3):
+            writer.write(f"n0144/img{i}", {"JPG": bytes([i]) * (700 * i), "cls": b"1"})
+        writer.close()
+    indexed = scan_shard(folder_keys, 3)
+    assert indexed is not None and [materialize(s) for s in indexed] == list(shard_samples(folder_keys, 3))
 
 
 def test_resume_decodes_only_the_samples_left(shards: Manifest, monkeypatch: pytest.MonkeyPatch) -> None:
