@@ -131,6 +131,8 @@ def _lif_backward(x_ptr, go_ptr, gx_ptr, part_ptr, v0_ptr, glast_ptr, gv0_ptr, l
     gv = tl.zeros([BLOCK], ACC)  # dL/dv[t]; zero through the padded steps
     if HAS_GLAST:  # the gradient of the returned last membrane enters at step T-1
         glast = tl.load(glast_ptr + offs, mask=inside, other=0.0).to(ACC)
+    else:
+        glast = tl.zeros([BLOCK], ACC)
     for i in tl.static_range(T_PAD):
         t = T_PAD - 1 - i
         live = offs < tl.where(t < steps, n64, 0)

@@ -146,12 +146,16 @@ def test_triton_kernels_compile_for_sm90_without_spills():
 
     scalars = {"thr_val": "fp32", "alpha": "fp32", "n": "i32", "steps": "i32", "leak_stride": "i32",
                "gain_stride": "i32"}
-    ptx = build(triton_lif._lif_forward, scalars, dict(HARD=False, THR_PTR=False, ACC=tl.float32, BLOCK=1024))
-    assert "fma.rn.f32" not in ptx
+    for window in (False, True):  # a time window: entry membrane in, last membrane out
+        ptx = build(triton_lif._lif_forward, scalars, dict(HARD=False, THR_PTR=False, HAS_V0=window, STORE_V=window,
+                                                           ACC=tl.float32, BLOCK=1024))
+        assert "fma.rn.f32" not in ptx
     bf16 = dict(scalars, x_ptr="*bf16", go_ptr="*bf16", gx_ptr="*bf16")
-    for types, consts in ((scalars, dict(HARD=False, DETACH=False, SUR=0, THR_PTR=False)),
-                          (bf16, dict(HARD=True, DETACH=True, SUR=1, THR_PTR=True))):
-        build(triton_lif._lif_backward, types, dict(consts, STORE_GX=True, ACC=tl.float32, T_PAD=8,
+    for types, consts, window in ((scalars, dict(HARD=False, DETACH=False, SUR=0, THR_PTR=False), False),
+                                  (bf16, dict(HARD=True, DETACH=True, SUR=1, THR_PTR=True), False),
+                                  (bf16, dict(HARD=False, DETACH=False, SUR=0, THR_PTR=False), True)):
+        build(triton_lif._lif_backward, types, dict(consts, STORE_GX=True, HAS_V0=window, HAS_GLAST=window,
+                                                     STORE_GV0=window, ACC=tl.float32, T_PAD=8,
                                                      BLOCK=triton_lif.backward_block(8)))
     triton_bits = backends.triton_bits()
     build(triton_bits._pack, {"x_ptr": "*bf16", "bits_ptr": "*u8", "flag_ptr": "*i32", "n": "i32"}, dict(BLOCK=512))
