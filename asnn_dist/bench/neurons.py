@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -98,6 +99,7 @@ def _fwd_bwd(module: nn.Module, x: Tensor, gout: Tensor) -> None:
 
 def peak_bytes(fn: Callable[[], Any]) -> int:
     """High-water mark of torch allocations during fn(), from the profiler's trace."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # else kineto prints 2 lines per profile (torch 2.13)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
