@@ -18,6 +18,9 @@ from typing import Any, Callable, Optional, TypeVar
 from asnn_dist.errors import ServiceError
 
 log = logging.getLogger(__name__)
+# MLflow announces at INFO that it creates/upgrades a new SQLite store's tables (two lines on
+# every first run of the demo); its warnings and errors still show.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 R = TypeVar("R")
 
 
