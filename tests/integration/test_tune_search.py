@@ -72,9 +72,11 @@ def test_asha_search_stops_trials_frees_workers_and_logs_nested_runs(tmp_path, d
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config(DEMO_SEARCH, small_search(
         tmp_path, digits_shards, "asha-test", f"tracking.uri={uri}", "tracking.registered_model=tune-asha",
-        # good learning rates first, so the hopeless ones meet them at ASHA's first rung
+        # good learning rates first, so the hopeless ones meet them at ASHA's first rung; 20 steps
+        # an epoch, so the good ones are above chance there; reduction factor 2 (the demo ships 3)
         "tune.space.optim.lr={grid: [0.02, 1.0e-6]}", "tune.space.seed={grid: [0, 1]}",
         "tune.max_concurrent_trials=2", "tune.scheduler.name=asha", "tune.scheduler.grace_period=1",
+        "tune.scheduler.reduction_factor=2", "data.epoch_length=640",
         "tune.search.name=grid", "run.max_failures=1"))
     before = alive_actors()
     pgs_before = {p.placement_group_id for p in list_placement_groups(address=here(), limit=10000)}
