@@ -13,6 +13,8 @@ and the fused kernel all evaluate that one form, so they round alike.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -66,7 +68,7 @@ class Surrogate(Protocol):
 
 
 @dataclass(frozen=True)
-class HeavisideSurrogate:
+class HeavisideSurrogate(ABC):
     """Base of the built-in surrogates: a subclass gives ``kernel_form`` and ``smooth``."""
 
     alpha: float
@@ -85,17 +87,17 @@ class HeavisideSurrogate:
         y = torch.mul(x, k, out=out) if out is not None else x * k
         return finish_(y).mul_(scale)
 
+    @abstractmethod
     def kernel_form(self) -> KernelForm:
         """(k, scale, finish_) with grad(x) = scale * finish_(k * x), finish_ in place.
 
         Lets the fused kernel build k * (h - theta) in the same pass as h and fold the
         scale into a later multiply-add, saving passes over memory.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def smooth(self, x: Tensor) -> Tensor:
         """The smooth function whose derivative is the surrogate (for tests and plots)."""
-        raise NotImplementedError
 
 
 @SURROGATES.register("sigmoid")
