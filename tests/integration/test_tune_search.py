@@ -45,20 +45,32 @@ def alive_actors() -> dict[str, str]:
 
 
 def kill_a_worker_after(lines: list[str], needed: tuple[str, ...], search: threading.Thread) -> bool:
-    """SIGKILL one alive RayTrainWorker process once every line in ``needed`` was printed."""
+    """SIGKILL one training worker of the trials that print ``needed``, once every line is printed.
+
+    Candidates are the workers alive when the first of those lines was printed: no trial had
+    ended by then, so a later trial's worker (one with no checkpoint yet) is never the one hit.
+    """
     import os
     import signal
 
     from ray.util.state import list_actors
 
+    def alive_workers() -> list[Any]:
+        return list_actors(address=here(), filters=[("class_name", "=", "RayTrainWorker"),
+                                                   ("state", "=", "ALIVE")], detail=True)
+
+    candidates: set[str] | None = None
     deadline = time.monotonic() + 600
     while search.is_alive() and time.monotonic() < deadline:
-        if all(any(ln.startswith(n) for ln in lines) for n in needed):
-            workers = list_actors(address=here(), filters=[("class_name", "=", "RayTrainWorker"),
-                                                           ("state", "=", "ALIVE")], detail=True)
-            if workers:
-                os.kill(workers[0].pid, signal.SIGKILL)
-                return True
+        printed = [any(ln.startswith(n) for ln in lines) for n in needed]
+        if candidates is None and any(printed):
+            candidates = {w.actor_id for w in alive_workers()}
+        if all(printed):
+            for worker in alive_workers():
+                if worker.actor_id in (candidates or ()):
+                    os.kill(worker.pid, signal.SIGKILL)
+                    return True
+            return False
         time.sleep(0.2)
     return False
 
@@ -73,9 +85,12 @@ def test_asha_search_stops_trials_frees_workers_and_logs_nested_runs(tmp_path, d
     cfg = load_config(DEMO_SEARCH, small_search(
         tmp_path, digits_shards, "asha-test", f"tracking.uri={uri}", "tracking.registered_model=tune-asha",
         # good learning rates first, so the hopeless ones meet them at ASHA's first rung; 20 steps
-        # an epoch, so the good ones are above chance there; reduction factor 2 (the demo ships 3)
+        # an epoch, so the good ones are above chance there; reduction factor 2 (the demo ships 3).
+        # The first rung is at epoch 2, so no trial can end before the worker kill after epoch 1:
+        # the killed worker's trial always goes on to recover (at a rung at epoch 1, ASHA could stop
+        # the very trial whose worker was just killed, and no recovery would be seen).
         "tune.space.optim.lr={grid: [0.02, 1.0e-6]}", "tune.space.seed={grid: [0, 1]}",
-        "tune.max_concurrent_trials=2", "tune.scheduler.name=asha", "tune.scheduler.grace_period=1",
+        "tune.max_concurrent_trials=2", "tune.scheduler.name=asha", "tune.scheduler.grace_period=2",
         "tune.scheduler.reduction_factor=2", "data.epoch_length=640",
         "tune.search.name=grid", "run.max_failures=1"))
     before = alive_actors()
@@ -96,10 +111,10 @@ def test_asha_search_stops_trials_frees_workers_and_logs_nested_runs(tmp_path, d
     assert not out.interrupted and len(out.records) == 4
     stopped = [r for r in out.records if r.status == "stopped"]
     finished = [r for r in out.records if r.status == "finished"]
-    # ASHA stopped at least one trial, counting the workers' epochs (a full trial has 3)
-    assert stopped and all(r.value("epoch") < 3 for r in stopped), [(r.point, r.status) for r in out.records]
+    # ASHA stopped at least one trial at its one rung (epoch 2), counting the workers' epochs
+    assert stopped and all(r.value("epoch") == 2 for r in stopped), [(r.point, r.status) for r in out.records]
     assert finished and all(r.value("epoch") == 3 for r in finished)
-    assert any(re.search(r"stopped by the scheduler at epoch [12]/3", ln) for ln in lines), lines
+    assert any(re.search(r"stopped by the scheduler at epoch 2/3", ln) for ln in lines), lines
 
     # Stopped (and finished) trials gave back every worker, controller and placement group.
     # (A stopped trial's Train controller dies with its trial actor; Ray Train's detached
@@ -125,7 +140,7 @@ def test_asha_search_stops_trials_frees_workers_and_logs_nested_runs(tmp_path, d
     parent = client.get_run(out.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["asnn.kind"] == "search"
     assert parent.data.params["space.optim.lr"] == '{"grid": [0.02, 1e-06]}'
-    assert parent.data.params["scheduler"] == "asha" and parent.data.params["scheduler.grace_period"] == "1"
+    assert parent.data.params["scheduler"] == "asha" and parent.data.params["scheduler.grace_period"] == "2"
     assert parent.data.metrics["trials_stopped"] == len(stopped)
     artifacts = {a.path for a in client.list_artifacts(out.parent_run_id, "results")}
     assert {"results/results.csv", "results/learning_curves.png", "results/top1_vs_energy_pareto.png",
