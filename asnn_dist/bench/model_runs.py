@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from asnn_dist.models.execution import apply_time_checkpointing
 from asnn_dist.registry import create_model
 from asnn_dist.snn.precision import PRECISION_DTYPES, cast_params
 
@@ -54,12 +55,11 @@ def peak_rss_mib() -> float:
 
 def _model(spec: dict[str, Any]) -> torch.nn.Module:
     torch.manual_seed(0)
-    return create_model(
+    model = create_model(
         spec["model"], image_size=spec["image_size"], num_classes=spec["num_classes"],
         encoding=dict(num_steps=spec["steps"], direct_steps=1, scheme="threshold"),
-        time_segment=spec.get("segment", 0), time_levels=spec.get("levels", 2),
-        time_states=spec.get("states"),
     )
+    return apply_time_checkpointing(model, spec.get("segment", 0), spec.get("levels", 2), spec.get("states"))
 
 
 def _batch(spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,7 +54,6 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
-from asnn_dist.models.lean import packing
 from asnn_dist.models.spikformer import LinearBN
 from asnn_dist.snn import native
 from asnn_dist.snn.neurons import AdaptiveLIF
@@ -153,9 +152,8 @@ class _Stack(nn.Module):
         self.neurons = nn.ModuleList(make_neuron() for _ in range(depth))
 
     def forward(self, x: Tensor) -> Tensor:
-        with packing(True):
-            for linear, neuron in zip(self.linears, self.neurons):
-                x = neuron(linear(x))
+        for linear, neuron in zip(self.linears, self.neurons):  # LinearBN packs its spikes (the default)
+            x = neuron(linear(x))
         return x
 
 

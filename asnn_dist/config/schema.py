@@ -102,8 +102,12 @@ class NeuronConfig(Section):
 MODEL_KEYS_FROM_CONFIG = {
     "num_classes": "data.num_classes", "in_channels": "data.in_channels", "image_size": "data.image_size",
     "encoding": "encoding", "neuron": "neuron", "learnable_readout": "model.learnable_readout",
+}
+# How a model runs: applied by models/execution.py after the model is built, not keywords of
+# any model (model.options naming one is pointed here).
+EXECUTION_KEYS_FROM_CONFIG = {
     "time_segment": "checkpoint.time_segment", "time_levels": "checkpoint.time_levels",
-    "time_states": "checkpoint.time_states",
+    "time_states": "checkpoint.time_states", "pack_spikes": "checkpoint.pack_spikes",
 }
 
 
@@ -132,11 +136,12 @@ class ModelConfig(Section):
         if keywords is None:
             return options
         allowed = [k for k in keywords if k not in MODEL_KEYS_FROM_CONFIG]
+        set_elsewhere = {**MODEL_KEYS_FROM_CONFIG, **EXECUTION_KEYS_FROM_CONFIG}
         for key in options:
-            if key in MODEL_KEYS_FROM_CONFIG:
+            if key in set_elsewhere:
                 raise PydanticCustomError(
                     "option_from_config", "{key}: set by {field}, not by model.options (allowed keys: {allowed})",
-                    {"key": key, "field": MODEL_KEYS_FROM_CONFIG[key], "allowed": ", ".join(allowed)})
+                    {"key": key, "field": set_elsewhere[key], "allowed": ", ".join(allowed)})
             if key not in allowed:
                 close = difflib.get_close_matches(str(key), allowed, n=1)
                 hint = f"; did you mean 'model.options.{close[0]}'?" if close else ""
@@ -177,6 +182,7 @@ class CheckpointConfig(Section):
     time_segment: int = Field(0, ge=0, description="time steps per activation-checkpoint segment (0 = off)")
     time_levels: Literal[1, 2] = Field(2, description="1: keep every segment boundary state; 2: also group segments (~2 sqrt(n) states, one more forward)")
     time_states: Optional[int] = Field(None, ge=0, description="keep at most N boundary states alive on the binomial (revolve) schedule, fewest recomputed steps for that memory; overrides time_levels (default: off)")
+    pack_spikes: bool = Field(True, description="layers that read spikes keep them for backward as 1 bit (uint8 for spike counts): lossless, less activation memory")
     every_steps: int = Field(0, ge=0, description="save a training checkpoint every N optimizer steps (0 = each epoch)")
     keep_last: int = Field(2, ge=1, description="training checkpoints kept")
 

@@ -16,9 +16,7 @@ from asnn_dist.registry import MODELS, create_model, list_models
 # Keywords every family takes: the image (explicit in each class) and SpikingClassifier's own
 # (models/common.py), which each class passes on as ``**options``.
 IMAGE_KEYWORDS = ("num_classes", "in_channels", "image_size")
-CLASSIFIER_KEYWORDS = (
-    "encoding", "neuron", "learnable_readout", "time_segment", "time_levels", "time_states", "pack_spikes",
-)
+CLASSIFIER_KEYWORDS = ("encoding", "neuron", "learnable_readout")
 
 CIFAR_POOLS = (False, False, True, True)  # Spikformer's SPS: 32x32 -> 8x8 tokens
 IMAGENET_POOLS = (True, True, True, True)  # 224x224 -> 14x14 tokens

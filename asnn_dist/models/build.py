@@ -27,21 +27,30 @@ def model_kwargs(cfg: "ExperimentConfig") -> dict:
         "encoding": cfg.encoding.model_dump(),
         "neuron": cfg.neuron.model_dump(),
         "learnable_readout": cfg.model.learnable_readout,
-        "time_segment": cfg.checkpoint.time_segment,
-        "time_levels": cfg.checkpoint.time_levels,
-        "time_states": cfg.checkpoint.time_states,
         **cfg.model.options,
     }
 
 
+# How a model ran, which checkpoints written before models/execution.py kept with the model's
+# keywords; a model rebuilt from them runs plainly (inference records no gradients).
+EXECUTION_KEYWORDS = ("time_segment", "time_levels", "time_states", "pack_spikes")
+
+
 def model_from_config(cfg: "ExperimentConfig") -> nn.Module:
-    return create_model(cfg.model.name, **model_kwargs(cfg))
+    """The model to train: built from its keywords, then run as ``cfg.checkpoint`` says."""
+    from asnn_dist.models.execution import apply_spike_packing, apply_time_checkpointing
+
+    model = create_model(cfg.model.name, **model_kwargs(cfg))
+    ckpt = cfg.checkpoint
+    apply_time_checkpointing(model, ckpt.time_segment, ckpt.time_levels, ckpt.time_states)
+    return apply_spike_packing(model, ckpt.pack_spikes)
 
 
 def model_from_checkpoint(state_dict: dict[str, Any], meta: dict[str, Any]) -> nn.Module:
     """The trained model of a final checkpoint: ``meta`` names the registered model and its
     keywords (``model_kwargs``), ``state_dict`` holds the consolidated weights."""
-    model = create_model(meta["model"], **meta["kwargs"])
+    kwargs = {k: v for k, v in meta["kwargs"].items() if k not in EXECUTION_KEYWORDS}
+    model = create_model(meta["model"], **kwargs)
     model.load_state_dict(state_dict)
     return model
 

@@ -2,7 +2,7 @@
 neuron factories, the encoder -> stem routing of hybrid coding, and the classifier base.
 
 Layout is [T, B, ...] everywhere (inside a checkpointed window, [tau, B, ...] for the window's
-steps). Stateless layers (conv, linear, pooling) run once over the flattened [T*B, ...] batch.
+steps, which step-dependent layers get as ``steps``: ``temporal.Steps``). Stateless layers (conv, linear, pooling) run once over the flattened [T*B, ...] batch.
 Conv maps [T, B, C, H, W] are stored channels-last from the stem on (``channels_last_seq``).
 BatchNorm takes its statistics per time step (``StepBatchNorm``; why in ``step_norm.py``).
 """
@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asnn_dist.models.lean import SpikeConv2d, SpikeLinear, packing, packing_active
+from asnn_dist.models.lean import SpikeConv2d, SpikeLinear
 from asnn_dist.models.step_neurons import windowed_class
 from asnn_dist.models.step_norm import StepBatchNorm
-from asnn_dist.models.temporal import cat_steps, channels_last_seq, shifted, step_offset
-from asnn_dist.models.time_checkpoint import check_schedule, run_time_segments
+from asnn_dist.models.temporal import ALL_STEPS, StepModule, Steps, StepSequential, cat_steps, channels_last_seq
 from asnn_dist.snn import PerStepReadout, build_encoder
 from asnn_dist.snn.precision import compute_dtype, is_low
 
@@ -50,13 +49,13 @@ def seq(*modules: nn.Module) -> TimeDistributed:
 
 def conv_bn(
     c_in: int, c_out: int, num_steps: int, kernel: int = 3, stride: int = 1, spike_input: bool = True,
-) -> nn.Sequential:
+) -> StepSequential:
     """conv (no bias: BN follows) -> per-step BN, on [T, B, C, H, W].
 
     ``spike_input``: the input holds spikes or spike counts (kept as uint8 for backward)."""
     conv_cls = SpikeConv2d if spike_input else nn.Conv2d
     conv = conv_cls(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False)
-    return nn.Sequential(seq(conv), StepBatchNorm(c_out, num_steps))
+    return StepSequential(seq(conv), StepBatchNorm(c_out, num_steps))
 
 
 class Fp32Head:
@@ -91,7 +90,7 @@ class SpikeClassifierHead(Fp32Head, SpikeLinear):
     input kept as uint8)."""
 
     def fp32_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if packing_active():  # saves x packed; casts the weights to x's dtype (fp32)
+        if self.packs():  # saves x packed; casts the weights to x's dtype (fp32)
             return SpikeLinear.forward(self, x)
         return Fp32Head.fp32_forward(self, x)
 
@@ -106,12 +105,12 @@ def neuron_factory(num_steps: int, neuron: Optional[dict[str, Any]] = None) -> N
     return functools.partial(cls, num_steps=num_steps, **opts)
 
 
-class HybridStem(nn.Module):
+class HybridStem(StepModule):
     """First layer routed by the encoding: direct (analog) steps and spike steps get their own
     layer (conv+BN, asnn-method.md section 4); everything after the stem is shared.
 
-    ``make_layer`` builds a module on [tau, B, ...]. Routing uses absolute step indices, so a
-    checkpointed window that starts at t0 sends only its steps below ``direct_steps`` to the
+    ``make_layer`` builds a StepModule on [tau, B, ...]. Routing uses absolute step indices, so
+    a checkpointed window that starts at t0 sends only its steps below ``direct_steps`` to the
     direct layer.
     """
 
@@ -122,17 +121,16 @@ class HybridStem(nn.Module):
         self.direct = make_layer() if direct_steps > 0 else None
         self.spike = make_layer() if direct_steps < num_steps else None
 
-    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_seq: torch.Tensor, steps: Steps = ALL_STEPS) -> torch.Tensor:  # type: ignore[override]
         if x_seq.dim() == 5:
             x_seq = channels_last_seq(x_seq)  # conv maps stay channels-last from here on
-        steps = x_seq.shape[0]
-        k = min(max(self.direct_steps - step_offset(), 0), steps)
+        tau = x_seq.shape[0]
+        k = min(max(self.direct_steps - steps.t0, 0), tau)
         parts = []
         if k > 0:
-            parts.append(self.direct(x_seq[:k]))
-        if k < steps:
-            with shifted(k):
-                parts.append(self.spike(x_seq[k:]))
+            parts.append(self.direct(x_seq[:k], steps))
+        if k < tau:
+            parts.append(self.spike(x_seq[k:], steps.shifted(k)))
         return cat_steps(parts)
 
 
@@ -142,33 +140,24 @@ class SpikingClassifier(nn.Module, abc.ABC):
     ``neuron``: options of every spiking layer (``neuron_factory``).
     ``forward`` maps images [B, C, H, W] in [0, 1] to logits [B, K], so a registered model is
     self-contained (the encoder is part of it); ``forward_steps`` returns [T, B, K] for anytime
-    accuracy. ``time_segment`` k > 0 checkpoints the body every k steps while gradients are
-    recorded (same values and gradients, less memory; ``time_levels`` 2 also groups the
-    segments; ``time_states`` n instead keeps at most n boundary states on the binomial
-    schedule, see ``time_checkpoint.py``); ``pack_spikes`` keeps spike tensors
-    saved for backward as uint8 (lossless, ``lean.py``).
+    accuracy. How the body runs (time-step checkpointing, packed spikes) is set from outside
+    by ``models.execution``; the families only say what the body computes.
     """
+
+    body_runner: Optional[Callable[["SpikingClassifier", torch.Tensor], torch.Tensor]] = None
 
     def __init__(
         self, *, encoding: Optional[dict[str, Any]] = None, neuron: Optional[dict[str, Any]] = None,
-        learnable_readout: bool = True, time_segment: int = 0, time_levels: int = 2,
-        time_states: Optional[int] = None, pack_spikes: bool = True,
+        learnable_readout: bool = True,
     ) -> None:
         # Families take these as ``**options`` and pass them here, so the list lives once
         # (and once more, for configs, in models/__init__.py's CLASSIFIER_KEYWORDS).
         super().__init__()
-        if isinstance(time_segment, bool) or not isinstance(time_segment, int) or time_segment < 0:
-            raise ValueError(f"time_segment must be an integer >= 0 (0 = off), got {time_segment!r}")
-        check_schedule(time_levels, time_states)
         enc = {**DEFAULT_ENCODING, **(encoding or {})}
         self.encoder = build_encoder(**enc)
         self.num_steps = self.encoder.num_steps
         self.direct_steps = self.encoder.direct_steps
         self.readout = PerStepReadout(self.num_steps, learnable=learnable_readout)
-        self.time_segment = time_segment
-        self.time_levels = time_levels
-        self.time_states = time_states
-        self.pack_spikes = bool(pack_spikes)
         self.neuron_options = dict(neuron or {})
 
     def neuron_factory(self) -> NeuronFactory:
@@ -176,8 +165,9 @@ class SpikingClassifier(nn.Module, abc.ABC):
         return neuron_factory(self.num_steps, self.neuron_options)
 
     @abc.abstractmethod
-    def forward_body(self, x_seq: torch.Tensor) -> torch.Tensor:
-        """[tau, B, C, H, W] -> per-step logits [tau, B, K]; each family implements it."""
+    def forward_body(self, x_seq: torch.Tensor, steps: Steps = ALL_STEPS) -> torch.Tensor:
+        """[tau, B, C, H, W] holding ``steps`` -> per-step logits [tau, B, K]; each family
+        implements it."""
 
     def forward_steps(self, images: torch.Tensor) -> torch.Tensor:
         # Encode in the images' dtype (fp32 thresholds), then compute in the parameters'
@@ -186,11 +176,9 @@ class SpikingClassifier(nn.Module, abc.ABC):
         dtype = compute_dtype(self)
         if x_seq.dtype != dtype and x_seq.is_floating_point():
             x_seq = x_seq.to(dtype)
-        if self.time_segment > 0 and torch.is_grad_enabled():
-            return run_time_segments(self.forward_body, x_seq, self.time_segment, self, self.pack_spikes,
-                                     self.time_levels, self.time_states)
-        with packing(self.pack_spikes):
-            return self.forward_body(x_seq)
+        if self.body_runner is not None and torch.is_grad_enabled():
+            return self.body_runner(self, x_seq)  # e.g. checkpointed window by window
+        return self.forward_body(x_seq)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.readout(self.forward_steps(images))

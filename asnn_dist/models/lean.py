@@ -14,16 +14,15 @@ tensors, the copies also pass through time-step checkpointing, so recomputed seg
 lean too.
 
 Callers promise integer values in [0, 255] (they know it from the structure). Packing is on
-only inside ``packing(True)`` (the model's forward) while gradients are recorded; otherwise
-the layers are exactly their torch parents. Under autocast, inputs and weights are cast to
+while gradients are recorded and the layer's ``pack_spikes`` is true (the default; training
+sets it from ``checkpoint.pack_spikes`` with ``models.execution.apply_spike_packing``);
+otherwise the layers are exactly their torch parents. Under autocast, inputs and weights are cast to
 the autocast dtype explicitly, as autocast would.
 """
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,22 +30,14 @@ from torch import Tensor, nn
 
 from asnn_dist.snn import backends, native, spike_registry
 
-_local = threading.local()
+class SavesSpikesPacked:
+    """Mixin of the layers below: with ``pack_spikes`` (an attribute, so the execution setup
+    can switch it per layer from outside the model) the spike input is saved packed."""
 
+    pack_spikes: bool = True
 
-@contextmanager
-def packing(enabled: bool) -> Iterator[None]:
-    """Turn spike packing on or off for the layers called inside the block."""
-    previous = getattr(_local, "enabled", False)
-    _local.enabled = bool(enabled)
-    try:
-        yield
-    finally:
-        _local.enabled = previous
-
-
-def packing_active() -> bool:
-    return getattr(_local, "enabled", False) and torch.is_grad_enabled()
+    def packs(self) -> bool:
+        return self.pack_spikes and torch.is_grad_enabled()
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -133,14 +124,14 @@ class _SpikeLinear(torch.autograd.Function):
 
 class _SpikeConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor], conv: nn.Conv2d) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple, padding: tuple,
+                dilation: tuple, groups: int) -> Tensor:
         cd = compute_dtype(x)
         with _no_autocast(x):
-            y = F.conv2d(x.to(cd), weight.to(cd), _cast(bias, cd), conv.stride, conv.padding, conv.dilation, conv.groups)
+            y = F.conv2d(x.to(cd), weight.to(cd), _cast(bias, cd), stride, padding, dilation, groups)
         stored, ctx.pack = pack(x)
         ctx.save_for_backward(stored, weight)
-        ctx.meta = (x.dtype, cd, None if bias is None else [bias.numel()],
-                    conv.stride, conv.padding, conv.dilation, conv.groups)
+        ctx.meta = (x.dtype, cd, None if bias is None else [bias.numel()], stride, padding, dilation, groups)
         return y
 
     @staticmethod
@@ -153,7 +144,7 @@ class _SpikeConv2d(torch.autograd.Function):
             False, [0, 0], groups, mask,
         )
         return (None if gx is None else gx.to(x_dtype), None if gw is None else gw.to(weight.dtype),
-                None if gb is None else gb.to(weight.dtype), None)
+                None if gb is None else gb.to(weight.dtype), None, None, None, None)
 
 
 class _SpikeMaxPool2d(torch.autograd.Function):
@@ -217,36 +208,58 @@ class _SpikeAttention(torch.autograd.Function):
         return _merge(gq).to(dtype), _merge(gk).to(dtype), _merge(gv).to(dtype), None, None
 
 
-class SpikeLinear(nn.Linear):
-    """nn.Linear whose input (spikes or spike counts) is saved packed (``pack``) while packing."""
+class SpikeLinear(SavesSpikesPacked, nn.Linear):
+    """nn.Linear whose input (spikes or spike counts) is saved packed (``pack``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if packing_active():
+        if self.packs():
             return _SpikeLinear.apply(x, self.weight, self.bias)
         return super().forward(x)
 
 
-class SpikeConv2d(nn.Conv2d):
-    """nn.Conv2d whose input (spikes or spike counts) is saved packed (``pack``) while packing."""
+class SpikeConv2d(SavesSpikesPacked, nn.Conv2d):
+    """nn.Conv2d whose input (spikes or spike counts) is saved packed (``pack``).
+
+    A strided 1x1 convolution without padding (a ResNet downsampling shortcut) reads every
+    s-th pixel, so it takes those pixels first and runs with stride 1: the same values,
+    a quarter of the input kept for backward, and no call of torch 2.13's CPU kernel for a
+    strided 1x1 convolution's gradient on a channels-last odd batch, which corrupts the heap
+    on small channel counts (``tests/unit/test_models_lean.py``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if packing_active() and self.padding_mode == "zeros" and not isinstance(self.padding, str):
-            return _SpikeConv2d.apply(x, self.weight, self.bias, self)
-        return super().forward(x)
+        stride, padding = self.stride, self.padding
+        if self.kernel_size == (1, 1) and padding == (0, 0) and stride != (1, 1) and x.dim() == 4:
+            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            x = x[:, :, :: stride[0], :: stride[1]]
+            x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            stride = (1, 1)
+        if self.packs() and self.padding_mode == "zeros" and not isinstance(padding, str):
+            return _SpikeConv2d.apply(x, self.weight, self.bias, stride, padding, self.dilation, self.groups)
+        return self._conv_forward(x, self.weight, self.bias) if stride == self.stride else F.conv2d(
+            x, self.weight, self.bias, stride, padding, self.dilation, self.groups)
 
 
-class SpikeMaxPool2d(nn.MaxPool2d):
+class SpikeMaxPool2d(SavesSpikesPacked, nn.MaxPool2d):
     """nn.MaxPool2d on spikes that saves its input packed instead of input + int64 indices."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if packing_active() and not self.return_indices:
+        if self.packs() and not self.return_indices:
             return _SpikeMaxPool2d.apply(x, self)
         return super().forward(x)
 
 
-def spike_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, heads: int) -> Tensor:
+class SpikeAttention(SavesSpikesPacked, nn.Module):
     """Multi-head q @ (k^T v * scale) on [..., N, C] (Spikformer's attention without softmax,
-    in the cheap order), returned as [..., N, C] (heads concatenated)."""
-    if packing_active():
-        return _SpikeAttention.apply(q, k, v, scale, heads)
-    return _attention(q, k, v, scale, heads)
+    in the cheap order), returned as [..., N, C] (heads concatenated); q, k, v are spikes."""
+
+    def __init__(self, heads: int, scale: float) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, scale
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.packs():
+            return _SpikeAttention.apply(q, k, v, self.scale, self.heads)
+        return _attention(q, k, v, self.scale, self.heads)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, scale={self.scale}"

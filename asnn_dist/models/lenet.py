@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from asnn_dist.models.common import HybridStem, SpikeClassifierHead, SpikingClassifier, conv_bn, seq
 from asnn_dist.models.lean import SpikeLinear, SpikeMaxPool2d
 from asnn_dist.models.step_norm import StepBatchNorm
+from asnn_dist.models.temporal import ALL_STEPS, Steps, StepSequential
 
 
 class LeNetASNN(SpikingClassifier):
@@ -25,7 +26,7 @@ class LeNetASNN(SpikingClassifier):
         hidden: int = 256,
         **options: Any,
     ) -> None:
-        super().__init__(**options)  # encoding, neuron, readout, execution: SpikingClassifier's
+        super().__init__(**options)  # encoding, neuron, readout: SpikingClassifier's
         if image_size % 8:
             raise ValueError(f"image_size must be a multiple of 8 (three 2x2 pools), got {image_size}")
         T = self.num_steps
@@ -43,8 +44,8 @@ class LeNetASNN(SpikingClassifier):
             make_neuron(),
             seq(SpikeClassifierHead(hidden, num_classes)),
         ]
-        self.body = nn.Sequential(*layers)
+        self.body = StepSequential(*layers)
 
-    def forward_body(self, x_seq: Tensor) -> Tensor:  # type: ignore[override]
-        return self.body(self.stem(x_seq))
+    def forward_body(self, x_seq: Tensor, steps: Steps = ALL_STEPS) -> Tensor:
+        return self.body(self.stem(x_seq, steps), steps)
 

@@ -28,11 +28,12 @@ from asnn_dist.models import CIFAR_POOLS
 from asnn_dist.models.common import (
     ClassifierHead, HybridStem, NeuronFactory, SpikingClassifier, conv_bn, seq,
 )
-from asnn_dist.models.lean import SpikeLinear, SpikeMaxPool2d, spike_attention
+from asnn_dist.models.lean import SpikeAttention, SpikeLinear, SpikeMaxPool2d
 from asnn_dist.models.step_norm import StepBatchNorm
+from asnn_dist.models.temporal import ALL_STEPS, StepModule, Steps, StepSequential
 
 
-class LinearBN(nn.Module):
+class LinearBN(StepModule):
     """Linear over the channel (last) dim, no bias, then per-step BN: a 1x1 conv1d + BN.
 
     ``spike_input``: the input is spikes or a residual sum of spikes (kept as uint8)."""
@@ -42,11 +43,11 @@ class LinearBN(nn.Module):
         self.linear = (SpikeLinear if spike_input else nn.Linear)(c_in, c_out, bias=False)
         self.bn = StepBatchNorm(c_out, num_steps, channel_last=True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.bn(self.linear(x))
+    def forward(self, x: Tensor, steps: Steps = ALL_STEPS) -> Tensor:  # type: ignore[override]
+        return self.bn(self.linear(x), steps)
 
 
-class SpikingPatchSplitting(nn.Module):
+class SpikingPatchSplitting(StepModule):
     """SPS: [T, B, C, H, W] images -> [T, B, N, D] spike tokens (plus the position term)."""
 
     def __init__(
@@ -65,54 +66,57 @@ class SpikingPatchSplitting(nn.Module):
             layers.append(make_neuron())
             if pools[i]:
                 layers.append(seq(SpikeMaxPool2d(3, stride=2, padding=1)))
-        self.proj = nn.Sequential(*layers)
-        self.rpe = nn.Sequential(conv_bn(dim, dim, num_steps), make_neuron())
+        self.proj = StepSequential(*layers)
+        self.rpe = StepSequential(conv_bn(dim, dim, num_steps), make_neuron())
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.proj(self.stem(x))
-        x = x + self.rpe(x)
+    def forward(self, x: Tensor, steps: Steps = ALL_STEPS) -> Tensor:  # type: ignore[override]
+        x = self.proj(self.stem(x, steps), steps)
+        x = x + self.rpe(x, steps)
         return x.flatten(3).transpose(-1, -2).contiguous()
 
 
-class SpikingSelfAttention(nn.Module):
+class SpikingSelfAttention(StepModule):
     """SSA on [T, B, N, D] without softmax: spike(Q (K^T V) * scale) -> proj-BN-spike."""
 
     def __init__(self, dim: int, heads: int, make_neuron: NeuronFactory, num_steps: int, scale: float = 0.125) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} must be divisible by heads {heads}")
-        self.heads, self.scale = heads, scale
         self.q, self.k, self.v = (LinearBN(dim, dim, num_steps) for _ in range(3))
         self.q_lif, self.k_lif, self.v_lif = make_neuron(), make_neuron(), make_neuron()
+        self.attention = SpikeAttention(heads, scale)
         self.attn_lif = make_neuron(threshold=0.5)
         self.proj = LinearBN(dim, dim, num_steps)
         self.proj_lif = make_neuron()
 
-    def forward(self, x: Tensor) -> Tensor:
-        q, k, v = self.q_lif(self.q(x)), self.k_lif(self.k(x)), self.v_lif(self.v(x))
-        y = spike_attention(q, k, v, self.scale, self.heads)  # [T, B, N, C], heads concatenated
-        return self.proj_lif(self.proj(self.attn_lif(y)))
+    def forward(self, x: Tensor, steps: Steps = ALL_STEPS) -> Tensor:  # type: ignore[override]
+        q = self.q_lif(self.q(x, steps), steps)
+        k = self.k_lif(self.k(x, steps), steps)
+        v = self.v_lif(self.v(x, steps), steps)
+        y = self.attention(q, k, v)  # [T, B, N, C], heads concatenated
+        return self.proj_lif(self.proj(self.attn_lif(y, steps), steps), steps)
 
 
-class SpikingMLP(nn.Module):
+class SpikingMLP(StepModule):
     def __init__(self, dim: int, hidden: int, make_neuron: NeuronFactory, num_steps: int) -> None:
         super().__init__()
         self.fc1, self.fc1_lif = LinearBN(dim, hidden, num_steps), make_neuron()
         self.fc2, self.fc2_lif = LinearBN(hidden, dim, num_steps), make_neuron()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2_lif(self.fc2(self.fc1_lif(self.fc1(x))))
+    def forward(self, x: Tensor, steps: Steps = ALL_STEPS) -> Tensor:  # type: ignore[override]
+        h = self.fc1_lif(self.fc1(x, steps), steps)
+        return self.fc2_lif(self.fc2(h, steps), steps)
 
 
-class Block(nn.Module):
+class Block(StepModule):
     def __init__(self, dim: int, heads: int, mlp_ratio: float, make_neuron: NeuronFactory, num_steps: int) -> None:
         super().__init__()
         self.attn = SpikingSelfAttention(dim, heads, make_neuron, num_steps)
         self.mlp = SpikingMLP(dim, int(dim * mlp_ratio), make_neuron, num_steps)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(x)
-        return x + self.mlp(x)
+    def forward(self, x: Tensor, steps: Steps = ALL_STEPS) -> Tensor:  # type: ignore[override]
+        x = x + self.attn(x, steps)
+        return x + self.mlp(x, steps)
 
 
 class Spikformer(SpikingClassifier):
@@ -128,7 +132,7 @@ class Spikformer(SpikingClassifier):
         pools: Sequence[bool] = CIFAR_POOLS,
         **options: Any,
     ) -> None:
-        super().__init__(**options)  # encoding, neuron, readout, execution: SpikingClassifier's
+        super().__init__(**options)  # encoding, neuron, readout: SpikingClassifier's
         if len(pools) != 4:
             raise ValueError(f"pools needs 4 flags (one per SPS conv), got {list(pools)}")
         if dim % 8:
@@ -139,12 +143,12 @@ class Spikformer(SpikingClassifier):
         T = self.num_steps
         make_neuron = self.neuron_factory()
         self.sps = SpikingPatchSplitting(in_channels, dim, pools, make_neuron, T, self.direct_steps)
-        self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio, make_neuron, T) for _ in range(depth)))
+        self.blocks = StepSequential(*(Block(dim, heads, mlp_ratio, make_neuron, T) for _ in range(depth)))
         self.head = ClassifierHead(dim, num_classes)
         self.apply(_init_weights)
 
-    def forward_body(self, x_seq: Tensor) -> Tensor:  # type: ignore[override]
-        tokens = self.blocks(self.sps(x_seq))
+    def forward_body(self, x_seq: Tensor, steps: Steps = ALL_STEPS) -> Tensor:
+        tokens = self.blocks(self.sps(x_seq, steps), steps)
         return self.head(tokens.mean(2))
 
 

@@ -21,11 +21,12 @@ from asnn_dist.models.common import (
     ClassifierHead, HybridStem, NeuronFactory, SpikingClassifier, conv_bn, seq,
 )
 from asnn_dist.models.lean import SpikeMaxPool2d
+from asnn_dist.models.temporal import ALL_STEPS, StepModule, Steps, StepSequential
 
 STEMS = ("imagenet", "cifar")
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(StepModule):
     def __init__(
         self, c_in: int, c_out: int, stride: int, sew: bool, make_neuron: NeuronFactory, num_steps: int
     ) -> None:
@@ -33,19 +34,19 @@ class BasicBlock(nn.Module):
         self.sew = sew
         self.conv1, self.sn1 = conv_bn(c_in, c_out, num_steps, stride=stride), make_neuron()
         self.conv2, self.sn2 = conv_bn(c_out, c_out, num_steps), make_neuron()
-        self.downsample: Optional[nn.Module] = None
+        self.downsample: Optional[StepSequential] = None
         if stride != 1 or c_in != c_out:
             layers = [conv_bn(c_in, c_out, num_steps, kernel=1, stride=stride)]
             if sew:
                 layers.append(make_neuron())
-            self.downsample = nn.Sequential(*layers)
+            self.downsample = StepSequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.conv2(self.sn1(self.conv1(x)))
-        identity = x if self.downsample is None else self.downsample(x)
+    def forward(self, x: Tensor, steps: Steps = ALL_STEPS) -> Tensor:  # type: ignore[override]
+        out = self.conv2(self.sn1(self.conv1(x, steps), steps), steps)
+        identity = x if self.downsample is None else self.downsample(x, steps)
         if self.sew:
-            return self.sn2(out) + identity
-        return self.sn2(out + identity)
+            return self.sn2(out, steps) + identity
+        return self.sn2(out + identity, steps)
 
 
 class SpikingResNet(SpikingClassifier):
@@ -60,7 +61,7 @@ class SpikingResNet(SpikingClassifier):
         stem: str = "imagenet",
         **options: Any,
     ) -> None:
-        super().__init__(**options)  # encoding, neuron, readout, execution: SpikingClassifier's
+        super().__init__(**options)  # encoding, neuron, readout: SpikingClassifier's
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {list(STEMS)}, got {stem!r}")
         if len(layers) != len(widths) or not layers:
@@ -85,12 +86,12 @@ class SpikingResNet(SpikingClassifier):
                 stride = 2 if i > 0 and j == 0 else 1
                 body.append(BasicBlock(c_in, width, stride, sew, make_neuron, T))
                 c_in = width
-        self.body = nn.Sequential(*body)
+        self.body = StepSequential(*body)
         self.head = seq(nn.AdaptiveAvgPool2d(1), nn.Flatten(), ClassifierHead(c_in, num_classes))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward_body(self, x_seq: Tensor) -> Tensor:  # type: ignore[override]
-        return self.head(self.body(self.stem(x_seq)))
+    def forward_body(self, x_seq: Tensor, steps: Steps = ALL_STEPS) -> Tensor:
+        return self.head(self.body(self.stem(x_seq, steps), steps))
 

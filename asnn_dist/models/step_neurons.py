@@ -1,7 +1,8 @@
 """Spiking neurons that can also run inside a step window (explicit carried membrane).
 
 Why: a checkpointed segment starts from the membranes the previous segment ended with and
-hands its own on (``time_checkpoint.py``). The neuron classes of ``snn`` run all T steps from
+hands its own on (``time_checkpoint.py``; the window is the ``steps`` argument of
+``forward``, ``temporal.Steps``). The neuron classes of ``snn`` run all T steps from
 rest; the subclasses here add that window mode and keep the plain multi-step forward (fused
 kernel) for everything else. The neuron is still called as a module in both modes, so hooks
 (spike statistics, ZeRO-3 parameter gathering) fire as usual. ``neuron_factory`` builds these.
@@ -14,7 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from asnn_dist.models.temporal import current_window, is_channels_last_seq, step_offset
+from asnn_dist.models.temporal import ALL_STEPS, StepModule, Steps, is_channels_last_seq
 from asnn_dist.models.window_lif import window_adaptive_lif
 from asnn_dist.snn import backends, spike_registry
 from asnn_dist.snn.functional import adaptive_lif_step, lif_step
@@ -55,14 +56,14 @@ class _WindowSteps(torch.autograd.Function):
         return (None, None, *result)
 
 
-class WindowedNeuron:
-    """Mixin for a ``SpikingNeuron``: inside a step window, run the window's steps from the
+class WindowedNeuron(StepModule):
+    """Mixin for a ``SpikingNeuron``: in a step window (``steps.membranes``), run the window's steps from the
     carried membrane with the neuron's pure step function (``snn.functional``); otherwise
     the usual multi-step forward (fused kernel), which starts from rest. The module is still
     called as a module, so hooks (spike statistics, ZeRO-3 parameter gathering) fire in both
     modes. Subclasses say which step function and parameters they use."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, steps: Steps = ALL_STEPS) -> Tensor:  # type: ignore[override]
         # Elementwise in space: channels-last maps run in their memory order (a permuted,
         # contiguous view), so no layout round trip; carried membranes keep that order.
         permuted = is_channels_last_seq(x) and not x.is_contiguous()
@@ -72,14 +73,13 @@ class WindowedNeuron:
         # kernel that reads them into fp32 (C on CPU, Triton on CUDA), or are upcast here for
         # the torch-op paths; the spikes (exactly 0/1) go back in the input's dtype.
         dtype = x.dtype
-        window = current_window()
-        if is_low(dtype) and not self.integrates_in_fp32(x, window is not None):
+        membranes = steps.membranes
+        if is_low(dtype) and not self.integrates_in_fp32(x, membranes is not None):
             x = x.float()
-        if window is None:
+        if membranes is None:
             spikes = super().forward(x)  # type: ignore[misc]
         else:
-            v0 = window.state.get(self)  # type: ignore[call-overload]
-            spikes, window.state[self] = self.window_forward(x, v0, step_offset())  # type: ignore[index]
+            spikes, membranes[self] = self.window_forward(x, membranes.get(self), steps.t0)
         if spikes.dtype != dtype:
             marked = spike_registry.is_spikes(spikes)
             spikes = spikes.to(dtype)

@@ -7,7 +7,7 @@ time-checkpointed execution compute the same function. Each step is normalised o
 batch (and space, or tokens); the affine pair is shared. Running statistics are kept per step
 ([T, C] buffers) so that eval normalises step t with step t's statistics: our choice, not the
 authors' (their BatchNorm keeps one running mean and variance per channel, updated at every
-step). A checkpoint recomputation (``temporal.recomputing()``)
+step). A checkpoint recomputation (``Steps.recomputing``)
 normalises with the same batch statistics but leaves the running statistics alone, so they
 are updated exactly once per training forward.
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from asnn_dist.models.temporal import is_channels_last_seq, is_recomputing, step_offset
+from asnn_dist.models.temporal import ALL_STEPS, StepModule, Steps, is_channels_last_seq
 from asnn_dist.snn import affine_source, native
 from asnn_dist.snn.precision import Fp32Buffers, is_low, stat_dtype
 
@@ -98,8 +98,9 @@ class _StepBatchNormFn(torch.autograd.Function):
         return gx, gw, gb, None
 
 
-class StepBatchNorm(Fp32Buffers):
-    """BatchNorm with per-time-step statistics (see module docstring), input [tau, B, ...].
+class StepBatchNorm(StepModule, Fp32Buffers):
+    """BatchNorm with per-time-step statistics (see module docstring), input [tau, B, ...]
+    holding steps ``steps.t0``.. .
 
     ``channel_last=False``: channels at dim 2 ([tau, B, C, ...], conv maps);
     ``channel_last=True``: channels last ([tau, B, ..., C], token sequences).
@@ -120,26 +121,27 @@ class StepBatchNorm(Fp32Buffers):
         self.register_buffer("running_mean", torch.zeros(num_steps, num_features))
         self.register_buffer("running_var", torch.ones(num_steps, num_features))
 
-    def forward(self, x: Tensor) -> Tensor:
-        t0, steps = step_offset(), x.shape[0]
-        if t0 + steps > self.num_steps:
+    def forward(self, x: Tensor, steps: Steps = ALL_STEPS) -> Tensor:  # type: ignore[override]
+        t0, tau = steps.t0, x.shape[0]
+        if t0 + tau > self.num_steps:
             raise ValueError(
-                f"steps {t0}..{t0 + steps - 1} exceed num_steps={self.num_steps} of this BatchNorm"
+                f"steps {t0}..{t0 + tau - 1} exceed num_steps={self.num_steps} of this BatchNorm"
             )
+        recomputing = steps.recomputing
         batched = self.training and x.is_floating_point()
         folded = not self.training and is_low(x.dtype) and not torch.is_grad_enabled()
         if self.channel_last:
             x = x.contiguous() if batched or folded else x
             if folded:
                 return self._eval_affine(x, t0)
-            return self._batched(x, t0) if batched else self._per_step(x, t0, flat=True)
+            return self._batched(x, t0, recomputing) if batched else self._per_step(x, t0, recomputing, flat=True)
         if is_channels_last_seq(x):  # conv maps stored [T, B, H, W, C]: the fast 2-D kernel
             xl = x.permute(0, 1, 3, 4, 2)
             if folded:
                 return self._eval_affine(xl, t0).permute(0, 1, 4, 2, 3)
-            y = self._batched(xl, t0) if batched else self._per_step(xl, t0, flat=True)
+            y = self._batched(xl, t0, recomputing) if batched else self._per_step(xl, t0, recomputing, flat=True)
             return y.permute(0, 1, 4, 2, 3)
-        return self._per_step(x, t0, flat=False)
+        return self._per_step(x, t0, recomputing, flat=False)
 
     def _eval_affine(self, x: Tensor, t0: int) -> Tensor:
         """Inference on bf16/fp16 channels-last x [tau, ..., C] (contiguous): y = x * scale +
@@ -152,11 +154,11 @@ class StepBatchNorm(Fp32Buffers):
         shift = self.bias.float() - self.running_mean[rows].float() * scale
         return _affine(x3, scale.contiguous(), shift.contiguous()).view(x.shape)
 
-    def _batched(self, x: Tensor, t0: int) -> Tensor:
+    def _batched(self, x: Tensor, t0: int, recomputing: bool) -> Tensor:
         """All steps of channels-last x [tau, ..., C] (contiguous) in one node; see module doc."""
         x3 = x.reshape(x.shape[0], -1, self.num_features)
         y, mean, var = _StepBatchNormFn.apply(x3, self.weight, self.bias, self.eps)
-        if not is_recomputing():  # counted once per training forward
+        if not recomputing:  # counted once per training forward
             with torch.no_grad():
                 m = x3.shape[1]
                 unbiased = var * (m / max(m - 1, 1))
@@ -165,11 +167,11 @@ class StepBatchNorm(Fp32Buffers):
                 self.running_var[rows].lerp_(unbiased.to(self.running_var.dtype), self.momentum)
         return y.view(x.shape)
 
-    def _per_step(self, x: Tensor, t0: int, flat: bool) -> Tensor:
+    def _per_step(self, x: Tensor, t0: int, recomputing: bool, flat: bool) -> Tensor:
         # Running statistics are read in eval and updated in training, except while a
         # checkpointed window is recomputed (it was counted in the forward already): then
         # throwaway copies take the update (the op saves the same tensors either way).
-        scratch = self.training and is_recomputing()
+        scratch = self.training and recomputing
         weight, bias = self.weight, self.bias
         if weight.dtype != x.dtype or is_low(weight.dtype):  # mixed form: fp32 statistics and affine
             weight, bias = weight.to(self.running_mean.dtype), bias.to(self.running_mean.dtype)

@@ -1,30 +1,26 @@
-"""Which time steps a layer is running: the step context shared by step-dependent layers.
+"""Which time steps a layer is running (``Steps``), passed explicitly from layer to layer.
 
 Why: time-step checkpointing (``time_checkpoint.py``) runs the network on a window of steps
 [t0, t0 + tau) at a time, carrying each neuron's membrane from one window to the next. Layers
 whose math depends on the absolute step index (adaptive neurons use leak[t] and gain[t],
-``step_neurons.py``; per-step BatchNorm uses running statistics row t, ``step_norm.py``) read
-that index from here, so a model is written once, for [tau, B, ...] inputs, and computes the
-same function whether it runs all T steps at once (plain) or window by window (checkpointed).
+``step_neurons.py``; per-step BatchNorm uses running statistics row t, ``step_norm.py``; the
+hybrid stem routes steps below ``direct_steps`` to its direct layer) take the window as a
+second argument, ``forward(x, steps)``, so a model is written once, for [tau, B, ...] inputs,
+and computes the same function whether it runs all T steps at once (``ALL_STEPS``) or window
+by window. Such layers are ``StepModule``s; ``StepSequential`` hands ``steps`` to the ones it
+holds and calls the rest (conv, pooling, linear) as usual.
 
-The state is thread-local and set by context managers *inside* the function that
-checkpointing recomputes, so the recomputation during backward (possibly on another thread)
-sees the same window. Also here: the channels-last layout helpers for [T, B, C, H, W] maps.
+Also here: the channels-last layout helpers for [T, B, C, H, W] maps.
 """
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from asnn_dist.snn import affine_source
-
-_local = threading.local()
-
 
 def is_channels_last_seq(x: Tensor) -> bool:
     """x [T, B, C, H, W] stored as [T, B, H, W, C] (how conv maps flow between layers)."""
@@ -51,55 +47,40 @@ def cat_steps(parts: list[Tensor]) -> Tensor:
     return joined.permute(0, 1, 4, 2, 3) if channels_last else joined
 
 
-class StepWindow:
-    """Explicit neuron state of one window: membranes enter in ``state`` and leave there."""
+class Steps:
+    """The steps a [tau, B, ...] input holds: they start at absolute step ``t0``; with
+    ``membranes`` (a window of a checkpointed run) each neuron starts from its entry there
+    (missing = resting) and leaves its last membrane there, without them (a plain run) every
+    neuron runs from rest. ``recomputing``: checkpointing runs the window again during
+    backward (BatchNorm then leaves its running statistics alone: they were updated once)."""
 
-    def __init__(self, state: dict[nn.Module, Optional[Tensor]]) -> None:
-        self.state = state
+    __slots__ = ("t0", "membranes", "recomputing")
 
+    def __init__(self, t0: int = 0, membranes: Optional[dict[nn.Module, Optional[Tensor]]] = None,
+                 recomputing: bool = False) -> None:
+        self.t0, self.membranes, self.recomputing = t0, membranes, recomputing
 
-def step_offset() -> int:
-    """Absolute index of the first step of the [tau, B, ...] input being processed."""
-    return getattr(_local, "offset", 0)
+    def shifted(self, k: int) -> "Steps":
+        """The same window for an input that starts ``k`` steps later (the spike branch of a
+        stem); the membranes are shared."""
+        return Steps(self.t0 + k, self.membranes, self.recomputing)
 
-
-def current_window() -> Optional[StepWindow]:
-    return getattr(_local, "window", None)
-
-
-def is_recomputing() -> bool:
-    """True while checkpointing recomputes a window during backward."""
-    return getattr(_local, "recomputing", False)
-
-
-@contextmanager
-def shifted(steps: int) -> Iterator[None]:
-    """Inner calls see inputs that start ``steps`` later (e.g. the spike branch of a stem)."""
-    previous = step_offset()
-    _local.offset = previous + steps
-    try:
-        yield
-    finally:
-        _local.offset = previous
+    def __repr__(self) -> str:
+        mode = "plain" if self.membranes is None else "window"
+        return f"Steps(t0={self.t0}, {mode}{', recomputing' if self.recomputing else ''})"
 
 
-@contextmanager
-def step_window(t0: int, state: dict[nn.Module, Optional[Tensor]]) -> Iterator[StepWindow]:
-    """Run steps starting at ``t0`` with the given neuron membranes (None = resting)."""
-    previous = (current_window(), step_offset())
-    window = StepWindow(dict(state))
-    _local.window, _local.offset = window, t0
-    try:
-        yield window
-    finally:
-        _local.window, _local.offset = previous
+ALL_STEPS = Steps()  # a plain run of all T steps from rest
 
 
-@contextmanager
-def recomputing() -> Iterator[None]:
-    previous = is_recomputing()
-    _local.recomputing = True
-    try:
-        yield
-    finally:
-        _local.recomputing = previous
+class StepModule(nn.Module):
+    """A layer that depends on the absolute step index: ``forward(x, steps)``."""
+
+
+class StepSequential(StepModule, nn.Sequential):
+    """nn.Sequential that hands ``steps`` to its StepModules (and only x to the others)."""
+
+    def forward(self, x: Tensor, steps: Steps = ALL_STEPS) -> Tensor:  # type: ignore[override]
+        for module in self:
+            x = module(x, steps) if isinstance(module, StepModule) else module(x)
+        return x

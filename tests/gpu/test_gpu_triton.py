@@ -178,10 +178,12 @@ def test_lean_storage_on_cuda_keeps_neuron_spikes_as_bits():
 @pytest.mark.parametrize("autocast", [False, True])
 def test_spikformer_on_cuda_packed_matches_plain(autocast):
     torch.manual_seed(0)
-    plain = create_model("spikformer_tiny", num_classes=5, in_channels=1, image_size=16, pack_spikes=False,
+    from asnn_dist.models.execution import apply_spike_packing
+
+    plain = create_model("spikformer_tiny", num_classes=5, in_channels=1, image_size=16,
                          neuron=dict(init_gain=1.0)).to(DEV)
-    lean = copy.deepcopy(plain)
-    lean.pack_spikes = True
+    apply_spike_packing(plain, False)
+    lean = apply_spike_packing(copy.deepcopy(plain), True)
     x, g = torch.rand(6, 1, 16, 16, device=DEV), torch.randn(6, 5, device=DEV)
     outs, saved = [], []
     for model in (plain, lean):

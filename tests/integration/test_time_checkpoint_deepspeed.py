@@ -42,13 +42,14 @@ def _train_step(stage: int, segment: int, rank: int, world: int, extra: tuple[st
 
     from asnn_dist.config import load_config
     from asnn_dist.models.build import model_from_config
+    from asnn_dist.models.execution import time_checkpointing
     from asnn_dist.train.deepspeed_config import build_engine
     from asnn_dist.train.worker import masked_loss
 
     cfg = load_config(None, [*SETTINGS, f"engine.zero_stage={stage}", f"checkpoint.time_segment={segment}", *extra])
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg)
-    assert model.time_segment == segment
+    assert time_checkpointing(model).segment == segment
     engine, _ = build_engine(cfg, model, world)
     gen = torch.Generator().manual_seed(100 + rank)  # every rank its own batch
     images = torch.rand(4, 1, 16, 16, generator=gen)

@@ -113,7 +113,7 @@ def test_set_before_or_after_config(command, set_first, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["asnn-dist: error: invalid config: model.options.widthz: unknown key of model 'lenet_asnn'; "
-                   "did you mean 'model.options.widths'? (allowed keys: hidden, pack_spikes, widths)"]
+                   "did you mean 'model.options.widths'? (allowed keys: hidden, widths)"]
 
 
 def test_config_show_same_either_order(capsys):

@@ -69,14 +69,18 @@ def test_bad_literal_names_allowed_values():
 
 
 def test_time_levels_and_states_reach_the_model_and_are_checked():
-    from asnn_dist.models.build import model_kwargs
+    from asnn_dist.models.build import model_from_config, model_kwargs
+    from asnn_dist.models.execution import time_checkpointing
 
     cfg = load_config(None, ["checkpoint.time_segment=1", "checkpoint.time_levels=1"])
-    assert model_kwargs(cfg)["time_levels"] == 1 and load_config(None).checkpoint.time_levels == 2
+    assert time_checkpointing(model_from_config(cfg)).levels == 1 and load_config(None).checkpoint.time_levels == 2
+    assert "time_levels" not in model_kwargs(cfg)  # how the model runs, not what it is
+    assert time_checkpointing(model_from_config(load_config(None))) is None
     with pytest.raises(ConfigError, match=r"checkpoint.time_levels: bad value 3.*1 or 2"):
         load_config(None, ["checkpoint.time_levels=3"])
     cfg = load_config(None, ["checkpoint.time_segment=1", "checkpoint.time_states=2"])
-    assert model_kwargs(cfg)["time_states"] == 2 and load_config(None).checkpoint.time_states is None
+    schedule = time_checkpointing(model_from_config(cfg))
+    assert (schedule.segment, schedule.states) == (1, 2) and load_config(None).checkpoint.time_states is None
     with pytest.raises(ConfigError, match=r"checkpoint.time_states: bad value -1"):
         load_config(None, ["checkpoint.time_states=-1"])
 

@@ -21,18 +21,20 @@ def test_unknown_option_names_field_key_and_allowed_keys() -> None:
     msg = _error(["model.options.widthz=[4, 8, 8]"])
     assert msg.startswith("invalid config: model.options.widthz: unknown key of model 'lenet_asnn'")
     assert "did you mean 'model.options.widths'?" in msg
-    assert msg.endswith("(allowed keys: hidden, pack_spikes, widths)")
+    assert msg.endswith("(allowed keys: hidden, widths)")
 
 
 def test_option_set_by_another_field_is_refused() -> None:
     msg = _error(["model.options.num_classes=3"])
     assert "model.options.num_classes: set by data.num_classes" in msg
+    msg = _error(["model.options.pack_spikes=false"])  # how the model runs: not a model keyword
+    assert "model.options.pack_spikes: set by checkpoint.pack_spikes" in msg
 
 
 def test_options_follow_the_model_name() -> None:
     cfg = load_config(None, ["model.name=spikformer_tiny", "model.options={dim: 64, depth: 2}"])
     assert cfg.model.options == {"dim": 64, "depth": 2}
-    assert "allowed keys: depth, dim, heads, mlp_ratio, pack_spikes, pools" in _error(
+    assert "allowed keys: depth, dim, heads, mlp_ratio, pools" in _error(
         ["model.name=spikformer_tiny", "model.options.widths=[4, 8]"])
 
 

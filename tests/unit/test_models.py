@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from asnn_dist.models.common import HybridStem
+from asnn_dist.models.execution import apply_time_checkpointing
 from asnn_dist.models.step_norm import StepBatchNorm
 from asnn_dist.registry import MODELS, create_model, list_models
 
@@ -129,7 +130,6 @@ def test_unknown_model_error_lists_choices():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(time_segment=-1), "time_segment"),
     (dict(image_size=18), "multiple of 4"),
     (dict(pools=(True,)), "4 flags"),
 ])
@@ -144,7 +144,7 @@ def test_bf16_autocast_trains_plain_and_checkpointed(name, segment):
     """bf16 autocast: matmuls and convs in bf16, membranes and the classifier head in fp32,
     every parameter gets a finite gradient of its own dtype."""
     torch.manual_seed(0)
-    model = create_model(name, **small_kwargs(name), time_segment=segment)
+    model = apply_time_checkpointing(create_model(name, **small_kwargs(name)), segment)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(tiny_batch(name, 4))
     assert logits.dtype == torch.float32

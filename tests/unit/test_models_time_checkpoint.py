@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from asnn_dist.models.step_neurons import StepAdaptiveLIF, _WindowSteps
 from asnn_dist.models.step_norm import StepBatchNorm
-from asnn_dist.models.temporal import current_window, step_offset
+from asnn_dist.models.execution import apply_time_checkpointing, time_checkpointing
 from asnn_dist.models.time_checkpoint import binomial_plan
 from asnn_dist.models.window_lif import window_adaptive_lif
 from asnn_dist.registry import create_model
@@ -21,11 +21,16 @@ MODELS = ["spikformer_tiny", "sew_resnet_tiny", "lenet_asnn_tiny", "spiking_resn
 HYBRID = dict(num_steps=T, direct_steps=1, scheme="threshold")
 
 
-def build(name: str, encoding: dict = HYBRID, **kw) -> torch.nn.Module:
+def build(name: str, encoding: dict = HYBRID, segment: int = 0, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     extra = dict(neuron=dict(init_gain=1.0)) if name.startswith("spikformer") else {}
-    return create_model(name, num_classes=5, in_channels=1, image_size=16, encoding=encoding,
-                        **extra, **kw).double()
+    model = create_model(name, num_classes=5, in_channels=1, image_size=16, encoding=encoding, **extra, **kw)
+    return apply_time_checkpointing(model.double(), segment)
+
+
+def checkpointed(model: torch.nn.Module, segment: int, levels: int = 2, states=None) -> torch.nn.Module:
+    """A copy of ``model`` that checkpoints its body every ``segment`` steps."""
+    return apply_time_checkpointing(copy.deepcopy(model), segment, levels, states)
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -59,8 +64,7 @@ def batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
                                                   (1, 2, 0), (1, 2, 1), (2, 2, 1)])
 def test_checkpointed_training_step_equals_plain(name, segment, levels, states):
     plain = build(name)
-    ckpt = copy.deepcopy(plain)
-    ckpt.time_segment, ckpt.time_levels, ckpt.time_states = segment, levels, states
+    ckpt = checkpointed(plain, segment, levels, states)
     x, y = batch()
     ref, got = train_step(plain, x, y), train_step(ckpt, x, y)
     assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
@@ -73,8 +77,7 @@ def test_checkpointed_training_step_equals_plain(name, segment, levels, states):
 def test_plain_lif_neurons_checkpoint_through_the_generic_window():
     """Neurons without a window kernel (SpikingJelly-style LIF) rerun their step function."""
     plain = build("lenet_asnn_tiny", neuron=dict(kind="lif", v_reset=None))
-    ckpt = copy.deepcopy(plain)
-    ckpt.time_segment = 1
+    ckpt = checkpointed(plain, 1)
     x, y = batch()
     ref, got = train_step(plain, x, y), train_step(ckpt, x, y)
     assert_close(got["grads"], ref["grads"], "grad")
@@ -85,8 +88,7 @@ def test_uneven_segments_and_late_direct_steps():
     """T=5 with segments of 2 (last one short) and 2 direct steps crossing a boundary."""
     enc = dict(num_steps=5, direct_steps=3, scheme="threshold")
     plain = build("sew_resnet_tiny", encoding=enc)
-    ckpt = copy.deepcopy(plain)
-    ckpt.time_segment = 2
+    ckpt = checkpointed(plain, 2)
     x, y = batch()
     ref, got = train_step(plain, x, y), train_step(ckpt, x, y)
     assert_close(got["grads"], ref["grads"], "grad")
@@ -94,16 +96,17 @@ def test_uneven_segments_and_late_direct_steps():
 
 
 def test_eval_and_no_grad_run_plainly_and_agree():
-    model = build("spikformer_tiny", time_segment=1)
+    model = build("spikformer_tiny", segment=1)
     x, _ = batch(3)
     seen = []
-    model.blocks[0].attn.q_lif.register_forward_hook(lambda m, a, o: seen.append(current_window()))
+    model.blocks[0].attn.q_lif.register_forward_hook(lambda m, a, o: seen.append(a[1]))
     model.eval()
     with torch.no_grad():
         out = model(x)
-    assert seen == [None]  # no grad: one plain multi-step pass
+    assert [(s.t0, s.membranes) for s in seen] == [(0, None)]  # no grad: one plain multi-step pass
     assert torch.allclose(model(x), out, atol=1e-12)  # grad recorded: checkpointed, same values
-    assert len(seen) == 1 + T and all(w is not None for w in seen[1:])
+    assert len(seen) == 1 + T and [s.t0 for s in seen[1:]] == list(range(T))
+    assert all(s.membranes is not None for s in seen[1:])
 
 
 def test_two_levels_keep_fewer_boundary_states():
@@ -113,15 +116,15 @@ def test_two_levels_keep_fewer_boundary_states():
 
     enc = dict(num_steps=8, direct_steps=1, scheme="threshold")
     torch.manual_seed(0)
-    flat = create_model("spikformer_tiny", in_channels=1, image_size=16, encoding=enc, dim=64, time_segment=1,
-                        time_levels=1)
-    grouped = copy.deepcopy(flat)
-    grouped.time_levels = 2
+    flat = apply_time_checkpointing(create_model("spikformer_tiny", in_channels=1, image_size=16, encoding=enc,
+                                                 dim=64), 1, levels=1)
+    grouped = checkpointed(flat, 1, levels=2)
     x = torch.rand(16, 1, 16, 16)
     peaks = [peak_bytes(lambda m=m: m(x).sum().backward()) for m in (flat, grouped)]
     assert peaks[1] < 0.8 * peaks[0]
     with pytest.raises(ValueError, match="time_levels"):
-        create_model("spikformer_tiny", encoding=enc, time_segment=1, time_levels=3)
+        apply_time_checkpointing(flat, 1, levels=3)
+    assert time_checkpointing(flat).levels == 1  # a refused schedule leaves the model as it was
 
 
 def _griewank_cost(units: int, states: int) -> int:
@@ -146,8 +149,7 @@ def test_binomial_schedule_recomputes_what_it_plans_and_matches_plain(segment, s
     """T=8: equal values and gradients, and the last body BN sees T + planned recomputed steps."""
     enc = dict(num_steps=8, direct_steps=1, scheme="threshold")
     plain = build("spikformer_tiny", encoding=enc)
-    ckpt = copy.deepcopy(plain)
-    ckpt.time_segment, ckpt.time_states = segment, states
+    ckpt = checkpointed(plain, segment, states=states)
     seen = []
     last_bn = [m for m in ckpt.modules() if isinstance(m, StepBatchNorm)][-1]
     last_bn.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
@@ -164,27 +166,29 @@ def test_binomial_schedule_memory_follows_its_state_budget():
 
     enc = dict(num_steps=8, direct_steps=1, scheme="threshold")
     torch.manual_seed(0)
-    base = create_model("spikformer_tiny", in_channels=1, image_size=16, encoding=enc, dim=64, time_segment=1)
+    base = create_model("spikformer_tiny", in_channels=1, image_size=16, encoding=enc, dim=64)
     x = torch.rand(16, 1, 16, 16)
 
     def peak(states):
-        model = copy.deepcopy(base)
-        model.time_states = states
+        model = checkpointed(base, 1, states=states)
         return peak_bytes(lambda: model(x).sum().backward())
 
     grouped, s0, s1, s3 = peak(None), peak(0), peak(1), peak(3)
     assert s0 < s1 < s3 and s1 < 0.9 * grouped
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="time_states"):
-            create_model("spikformer_tiny", encoding=enc, time_segment=1, time_states=bad)
+            apply_time_checkpointing(base, 1, states=bad)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="time_segment"):
+            apply_time_checkpointing(base, bad)
 
 
 def test_window_offsets_reach_every_step():
     """Inside segments of 1, each BN sees absolute step indices 0..T-1 exactly once."""
-    model = build("lenet_asnn_tiny", time_segment=1)
+    model = build("lenet_asnn_tiny", segment=1)
     bn = next(m for m in model.body.modules() if isinstance(m, StepBatchNorm))
     offsets = []
-    bn.register_forward_pre_hook(lambda m, a: offsets.append((step_offset(), a[0].shape[0])))
+    bn.register_forward_pre_hook(lambda m, a: offsets.append((a[1].t0, a[0].shape[0])))
     x, y = batch()
     F.cross_entropy(model(x), y).backward()
     assert offsets[:T] == [(t, 1) for t in range(T)]  # the forward; recomputation follows
@@ -199,8 +203,7 @@ def test_checkpointing_keeps_less_memory():
     enc = dict(num_steps=8, direct_steps=1, scheme="threshold")
     torch.manual_seed(0)
     plain = create_model("spikformer_tiny", in_channels=1, image_size=16, encoding=enc, dim=64)
-    ckpt = copy.deepcopy(plain)
-    ckpt.time_segment = 2
+    ckpt = checkpointed(plain, 2)
     x = torch.rand(16, 1, 16, 16)
 
     def step(model):

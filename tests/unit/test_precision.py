@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from asnn_dist.models.step_norm import StepBatchNorm
 from asnn_dist.models.temporal import channels_last_seq
+from asnn_dist.models.execution import apply_time_checkpointing
 from asnn_dist.registry import MODELS, create_model
 from asnn_dist.snn.encoders import ThresholdEncoder, build_encoder
 from asnn_dist.snn.precision import cast_params, compute_dtype
@@ -60,7 +61,7 @@ def test_half_parameters_train_with_the_policy(name, segment, dtype):
     logits (head and readout) are fp32; every parameter gets a finite gradient of its dtype;
     the running statistics stay fp32 and move."""
     torch.manual_seed(0)
-    model = cast_params(create_model(name, **_kwargs(name), time_segment=segment), dtype)
+    model = cast_params(apply_time_checkpointing(create_model(name, **_kwargs(name)), segment), dtype)
     assert compute_dtype(model) == dtype
     x = torch.rand(4, 1, 16, 16)
     before = {n: b.clone() for n, b in model.named_buffers() if n.endswith("running_mean")}
