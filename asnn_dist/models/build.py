@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from asnn_dist.config.schema import EXECUTION_KEYS_FROM_CONFIG
 from asnn_dist.errors import UserError
 from asnn_dist.registry import create_model
 
@@ -31,9 +32,10 @@ def model_kwargs(cfg: "ExperimentConfig") -> dict:
     }
 
 
-# How a model ran, which checkpoints written before models/execution.py kept with the model's
-# keywords; a model rebuilt from them runs plainly (inference records no gradients).
-EXECUTION_KEYWORDS = ("time_segment", "time_levels", "time_states", "pack_spikes")
+# How a model ran (checkpoint.*), which checkpoints written before models/execution.py kept
+# with the model's keywords; a model rebuilt from them runs plainly (inference records no
+# gradients).
+EXECUTION_KEYWORDS = tuple(EXECUTION_KEYS_FROM_CONFIG)
 
 
 def model_from_config(cfg: "ExperimentConfig") -> nn.Module:

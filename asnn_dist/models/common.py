@@ -2,7 +2,8 @@
 neuron factories, the encoder -> stem routing of hybrid coding, and the classifier base.
 
 Layout is [T, B, ...] everywhere (inside a checkpointed window, [tau, B, ...] for the window's
-steps, which step-dependent layers get as ``steps``: ``temporal.Steps``). Stateless layers (conv, linear, pooling) run once over the flattened [T*B, ...] batch.
+steps, which step-dependent layers get as ``steps``: ``temporal.Steps``). Stateless layers
+(conv, linear, pooling) run once over the flattened [T*B, ...] batch.
 Conv maps [T, B, C, H, W] are stored channels-last from the stem on (``channels_last_seq``).
 BatchNorm takes its statistics per time step (``StepBatchNorm``; why in ``step_norm.py``).
 """

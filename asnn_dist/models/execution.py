@@ -24,14 +24,12 @@ def apply_time_checkpointing(model: nn.Module, segment: int, levels: int = 2, st
 
     ``levels``/``states``: the schedule (``time_checkpoint.py``). Raises ValueError for a bad
     schedule, or when a neuron of the model cannot run in step windows."""
-    if isinstance(segment, bool) or not isinstance(segment, int) or segment < 0:
-        raise ValueError(f"time_segment must be an integer >= 0 (0 = off), got {segment!r}")
     if not hasattr(model, "forward_body"):
         raise TypeError(f"{type(model).__name__} has no forward_body: not a SpikingClassifier")
-    if segment == 0:
+    if segment == 0 and not isinstance(segment, bool):
         model.__dict__.pop("body_runner", None)
         return model
-    runner = TimeCheckpointing(segment, levels, states)
+    runner = TimeCheckpointing(segment, levels, states)  # checks the schedule
     step_neurons(model)  # every neuron must run in windows: fail now, not in the first step
     model.body_runner = runner
     return model

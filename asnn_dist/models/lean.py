@@ -16,8 +16,8 @@ lean too.
 Callers promise integer values in [0, 255] (they know it from the structure). Packing is on
 while gradients are recorded and the layer's ``pack_spikes`` is true (the default; training
 sets it from ``checkpoint.pack_spikes`` with ``models.execution.apply_spike_packing``);
-otherwise the layers are exactly their torch parents. Under autocast, inputs and weights are cast to
-the autocast dtype explicitly, as autocast would.
+otherwise the layers are exactly their torch parents. Under autocast, inputs and weights are
+cast to the autocast dtype explicitly, as autocast would.
 """
 
 from __future__ import annotations
@@ -229,14 +229,14 @@ class SpikeConv2d(SavesSpikesPacked, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         stride, padding = self.stride, self.padding
         if self.kernel_size == (1, 1) and padding == (0, 0) and stride != (1, 1) and x.dim() == 4:
-            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            x = x[:, :, :: stride[0], :: stride[1]]
-            x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            # channels-last, as every conv map between layers (TimeDistributed's output)
+            x = x[:, :, :: stride[0], :: stride[1]].contiguous(memory_format=torch.channels_last)
             stride = (1, 1)
         if self.packs() and self.padding_mode == "zeros" and not isinstance(padding, str):
             return _SpikeConv2d.apply(x, self.weight, self.bias, stride, padding, self.dilation, self.groups)
-        return self._conv_forward(x, self.weight, self.bias) if stride == self.stride else F.conv2d(
-            x, self.weight, self.bias, stride, padding, self.dilation, self.groups)
+        if stride == self.stride:
+            return super().forward(x)
+        return F.conv2d(x, self.weight, self.bias, stride, padding, self.dilation, self.groups)
 
 
 class SpikeMaxPool2d(SavesSpikesPacked, nn.MaxPool2d):

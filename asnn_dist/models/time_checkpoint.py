@@ -155,10 +155,7 @@ def run_time_segments(
     boundaries plus the boundaries inside the group being differentiated (about 2 sqrt(n)
     states), for one more forward of the earlier groups.
     ``states`` n (not None): the binomial schedule with at most n boundary states alive
-    (``binomial_plan``), which then replaces ``levels``."""
-    if segment < 1:
-        raise ValueError(f"time_segment must be >= 1 to checkpoint, got {segment}")
-    check_schedule(levels, states)
+    (``binomial_plan``), which then replaces ``levels``. ``TimeCheckpointing`` checks them."""
     neurons = step_neurons(model)
     if states is not None:
         return _run_binomial(None, body, neurons, 0, segment, states, x_seq, *[None] * len(neurons))[0]
@@ -188,7 +185,7 @@ class TimeCheckpointing:
 
     def __post_init__(self) -> None:
         if isinstance(self.segment, bool) or not isinstance(self.segment, int) or self.segment < 1:
-            raise ValueError(f"time_segment must be an integer >= 1 to checkpoint, got {self.segment!r}")
+            raise ValueError(f"time_segment must be an integer >= 1 to checkpoint (0 = off), got {self.segment!r}")
         check_schedule(self.levels, self.states)
 
     def __call__(self, model: nn.Module, x_seq: Tensor) -> Tensor:
